@@ -1,0 +1,111 @@
+"""`ar2dlm <stage> [key=value ...]`: compose the stage's config from recipes/ and run it."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+from ar2dlm import __version__
+from ar2dlm.errors import UserError
+
+# stage -> "module:function"; imported lazily so that --help never pays for torch/megatron imports
+STAGE_ENTRY_POINTS: dict[str, str] = {
+    "convert": "ar2dlm.conversion.convert:run_convert",
+    "train": "ar2dlm.training.loop:run_train",
+    "export": "ar2dlm.conversion.export:run_export",
+    "generate": "ar2dlm.runtime.generate_cli:run_generate",
+    "eval": "ar2dlm.eval.run:run_eval",
+    "run": "ar2dlm.pipeline:run_pipeline",
+}
+
+USAGE = """usage: ar2dlm <stage> [recipe=NAME] [key=value ...] [--help | --cfg]
+
+stages:
+{stages}
+
+  ar2dlm <stage> --help   list the stage's keys with their defaults
+  ar2dlm <stage> --cfg    print the composed configuration and exit
+"""
+
+
+def _usage() -> str:
+    from ar2dlm.config.schema import STAGE_SUMMARIES
+
+    return USAGE.format(stages="\n".join(f"  {name:<9} {text}" for name, text in STAGE_SUMMARIES.items()))
+
+
+def _format_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str) and value == "???":
+        return "??? (required)"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _stage_help(stage: str, overrides: list[str]) -> str:
+    from ar2dlm.config.compose import available_recipes, stage_keys
+    from ar2dlm.config.schema import STAGE_SUMMARIES
+
+    keys = stage_keys(stage, overrides)
+    width = max(len(key) for key, _ in keys)
+    lines = [f"usage: ar2dlm {stage} [recipe=NAME] [key=value ...]", "", STAGE_SUMMARIES[stage], "", "keys:"]
+    lines += [f"  {key:<{width}}  {_format_value(value)}" for key, value in keys]
+    lines += ["", f"recipes: {', '.join(available_recipes())}"]
+    return "\n".join(lines)
+
+
+def _entry_point(stage: str) -> Callable:
+    module_name, function_name = STAGE_ENTRY_POINTS[stage].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name == module_name:
+            raise UserError(f"stage {stage!r} is not available in ar2dlm {__version__} yet") from None
+        raise
+    return getattr(module, function_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if args[0] == "--version":
+        print(f"ar2dlm {__version__}")
+        return 0
+    stage, rest = args[0], args[1:]
+    flags = [a for a in rest if a.startswith("--")]
+    overrides = [a for a in rest if not a.startswith("--")]
+    try:
+        if stage not in STAGE_ENTRY_POINTS:
+            raise UserError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ENTRY_POINTS)}")
+        unknown = [f for f in flags if f not in ("--help", "-h", "--cfg")]
+        if unknown:
+            raise UserError(f"unknown option {unknown[0]!r}; options: --help, --cfg")
+        if "--help" in flags:
+            print(_stage_help(stage, overrides))
+            return 0
+        from omegaconf import OmegaConf
+
+        from ar2dlm.config.compose import compose_stage
+
+        if "--cfg" in flags:
+            print(OmegaConf.to_yaml(compose_stage(stage, overrides, require_complete=False)), end="")
+            return 0
+        cfg = compose_stage(stage, overrides)
+        from ar2dlm.log import setup_logging
+
+        setup_logging(cfg.logging.level)
+        result = _entry_point(stage)(cfg)
+        return int(result or 0)
+    except UserError as error:
+        print(f"ar2dlm {stage}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"ar2dlm {stage}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Typed schemas of every stage's configuration.
+
+The YAML files under ``recipes/`` give the defaults; these dataclasses give the keys and their
+types, so that an unknown key or a value of the wrong type is refused before any work starts.
+Choices and cross-field rules are checked in :mod:`ar2dlm.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DiffusionConfig:
+    block_size: int = 32
+    clean_pattern: str = "causal"  # causal | block_causal
+    noise_schedule: str = "uniform"  # uniform | position
+    eps: float = 1e-3
+    half_life_ratio: float = 0.25
+    dlm_loss_weight: float = 0.3
+    ar_loss_weight: float = 1.0
+    attention_kernel: str = "auto"  # auto | flex | sdpa | split
+
+
+@dataclass
+class DataSourceConfig:
+    path: str = "???"
+    kind: str = "auto"  # auto | text | jsonl | parquet | hub | indexed
+    weight: float = 1.0
+    text_field: str = "text"
+    messages_field: str = "messages"
+    split: str = "train"
+    streaming: bool = False
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    seq_length: int = 512
+    pack: bool = True
+    sft: bool = False
+    validation_fraction: float = 0.0
+    strict: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 0
+    decay_fraction: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainLoopConfig:
+    objective: str = "joint"  # ar | joint | diffusion
+    steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    precision: str = "fp32"  # fp32 | bf16
+    fp8: str | None = None  # null | hybrid | e4m3
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8
+    recompute: str = "none"  # none | full | selective
+    log_interval: int = 1
+    eval_interval: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 100
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "ar2dlm"
+    run_name: str | None = None
+
+
+@dataclass
+class ConvertStage:
+    source: str = "???"
+    output: str = "???"
+    mask_token_id: int | None = None
+    block_size: int = 32
+    overwrite: bool = False
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class TrainStage:
+    init: str = "???"
+    output: str = "???"
+    resume: bool = False
+    seed: int = 1234
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class ExportStage:
+    checkpoint: str = "???"
+    output: str = "???"
+    overwrite: bool = False
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class GenerateStage:
+    model: str = "???"
+    mode: str = "self_spec"  # ar | diffusion | self_spec
+    prompt: str = "???"
+    max_new_tokens: int = 64
+    block_length: int = 32
+    threshold: float = 0.9
+    temperature: float = 0.0
+    device: str = "auto"
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class EvalStage:
+    model: str = "???"
+    output: str = "???"
+    tasks: list[str] = field(default_factory=list)
+    modes: list[str] = field(default_factory=lambda: ["ar", "diffusion", "self_spec"])
+    thresholds: list[float] = field(default_factory=lambda: [0.9])
+    block_length: int = 32
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    limit: int | None = None
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class SourceModelConfig:
+    """The small AR model that the demo trains from scratch when no ``source`` is given."""
+
+    architecture: str = "LlamaForCausalLM"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 384
+    vocab_size: int = 512
+    train: TrainLoopConfig = field(default_factory=lambda: TrainLoopConfig(objective="ar"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, min_lr=3e-4))
+
+
+@dataclass
+class RunStage(TrainStage):
+    """The whole chain: source model -> convert -> train -> export -> eval."""
+
+    init: str | None = None
+    source: str | None = None
+    source_model: SourceModelConfig = field(default_factory=SourceModelConfig)
+    mask_token_id: int | None = None
+    eval: EvalStage = field(default_factory=lambda: EvalStage(model="", output=""))
+
+
+STAGE_SCHEMAS: dict[str, type] = {
+    "convert": ConvertStage,
+    "train": TrainStage,
+    "export": ExportStage,
+    "generate": GenerateStage,
+    "eval": EvalStage,
+    "run": RunStage,
+}
+
+STAGE_SUMMARIES: dict[str, str] = {
+    "convert": "HF checkpoint -> Megatron checkpoint with a mask token (exact at step 0)",
+    "train": "AR / joint AR+diffusion / diffusion training on megatron-core",
+    "export": "Megatron checkpoint -> HF folder with the bundled tri-mode runtime",
+    "generate": "decode a prompt in AR, diffusion or self-speculation mode",
+    "eval": "quality and speed of every decoding mode",
+    "run": "the whole chain: source model, convert, train, export, eval",
+}

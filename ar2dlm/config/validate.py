@@ -1,0 +1,159 @@
+"""Value rules that types cannot express: choices, ranges, and how keys constrain each other."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+from omegaconf import DictConfig
+
+CHOICES: dict[str, tuple] = {
+    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "train.objective": ("ar", "joint", "diffusion"),
+    "train.precision": ("fp32", "bf16"),
+    "train.fp8": (None, "hybrid", "e4m3"),
+    "train.fp8_recipe": ("delayed", "tensorwise", "mxfp8"),
+    "train.recompute": ("none", "full", "selective"),
+    "diffusion.clean_pattern": ("causal", "block_causal", "bidirectional"),
+    "diffusion.noise_schedule": ("uniform", "position"),
+    "diffusion.attention_kernel": ("auto", "flex", "sdpa", "split"),
+    "optim.schedule": ("wsd", "cosine", "constant"),
+    "mode": ("ar", "diffusion", "self_spec"),
+}
+
+MODES = CHOICES["mode"]
+
+
+def _get(cfg: DictConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+_ABSENT = object()
+
+
+def _choices(cfg: DictConfig) -> Iterator[str]:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value is not _ABSENT and value not in allowed:
+            shown = ", ".join("null" if a is None else a for a in allowed)
+            yield f"{key}={value!r} is not one of: {shown}"
+
+
+def _at_least(cfg: DictConfig, key: str, minimum: float) -> Iterator[str]:
+    value = _get(cfg, key)
+    if value is not _ABSENT and value is not None and value < minimum:
+        yield f"{key}={value} must be >= {minimum}"
+
+
+def _between(cfg: DictConfig, key: str, low: float, high: float) -> Iterator[str]:
+    value = _get(cfg, key)
+    if value is not _ABSENT and value is not None and not low <= value <= high:
+        yield f"{key}={value} must be in [{low}, {high}]"
+
+
+def _training_rules(cfg: DictConfig) -> Iterator[str]:
+    train, diffusion, parallel, optim = cfg.train, cfg.diffusion, cfg.parallel, cfg.optim
+    for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "diffusion.block_size",
+                "data.seq_length", "parallel.tensor", "parallel.pipeline", "parallel.context",
+                "checkpoint.keep_last", "train.log_interval"):
+        yield from _at_least(cfg, key, 1)
+    for key in ("optim.warmup_steps", "checkpoint.save_interval", "optim.weight_decay", "optim.grad_clip",
+                "train.eval_interval", "diffusion.dlm_loss_weight", "diffusion.ar_loss_weight"):
+        yield from _at_least(cfg, key, 0)
+    yield from _between(cfg, "diffusion.eps", 0.0, 0.5)
+    yield from _between(cfg, "optim.decay_fraction", 0.0, 1.0)
+    yield from _between(cfg, "optim.beta1", 0.0, 0.999999)
+    yield from _between(cfg, "optim.beta2", 0.0, 0.999999)
+    yield from _between(cfg, "data.validation_fraction", 0.0, 0.5)
+    if diffusion.half_life_ratio <= 0:
+        yield f"diffusion.half_life_ratio={diffusion.half_life_ratio} must be > 0"
+    if optim.lr <= 0 or optim.min_lr < 0 or optim.min_lr > optim.lr:
+        yield f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0, got lr={optim.lr} min_lr={optim.min_lr}"
+    if train.objective != "ar" and diffusion.block_size >= 1 and cfg.data.seq_length % diffusion.block_size:
+        yield (f"data.seq_length={cfg.data.seq_length} is not a multiple of "
+               f"diffusion.block_size={diffusion.block_size}")
+    if train.objective == "joint" and diffusion.dlm_loss_weight == 0 and diffusion.ar_loss_weight == 0:
+        yield "objective joint needs diffusion.dlm_loss_weight or diffusion.ar_loss_weight > 0"
+    yield from _layout_rules(train, parallel)
+    yield from _fp8_rules(train)
+    for index, source in enumerate(cfg.data.sources):
+        if source.weight < 0:
+            yield f"data.sources[{index}].weight={source.weight} must be >= 0"
+    if cfg.data.sources and sum(source.weight for source in cfg.data.sources) <= 0:
+        yield "data.sources weights must sum to a positive number"
+
+
+def _layout_rules(train: DictConfig, parallel: DictConfig) -> Iterator[str]:
+    if min(parallel.tensor, parallel.pipeline, parallel.context, train.micro_batch_size) < 1:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model_parallel = parallel.tensor * parallel.pipeline * parallel.context
+    if world % model_parallel:
+        yield (f"world size {world} is not divisible by parallel.tensor x parallel.pipeline x "
+               f"parallel.context = {model_parallel}")
+        return
+    data_parallel = world // model_parallel
+    if train.global_batch_size % (train.micro_batch_size * data_parallel):
+        yield (f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+               f"train.micro_batch_size x data-parallel size = {train.micro_batch_size} x {data_parallel}")
+    if parallel.sequence_parallel and parallel.tensor == 1:
+        yield "parallel.sequence_parallel needs parallel.tensor > 1"
+
+
+def _fp8_rules(train: DictConfig) -> Iterator[str]:
+    if train.fp8 is None:
+        return
+    if not torch.cuda.is_available():
+        yield f"train.fp8={train.fp8} needs a CUDA GPU with Transformer Engine; this machine has no GPU"
+    if train.precision != "bf16":
+        yield f"train.fp8={train.fp8} needs train.precision=bf16 (got {train.precision})"
+
+
+def _convert_rules(cfg: DictConfig) -> Iterator[str]:
+    yield from _at_least(cfg, "mask_token_id", 0)
+    yield from _at_least(cfg, "block_size", 1)
+
+
+def _generate_rules(cfg: DictConfig) -> Iterator[str]:
+    for key in ("max_new_tokens", "block_length"):
+        yield from _at_least(cfg, key, 1)
+    yield from _between(cfg, "threshold", 0.0, 1.0)
+    yield from _at_least(cfg, "temperature", 0.0)
+
+
+def _eval_rules(cfg: DictConfig) -> Iterator[str]:
+    yield from _generate_rules(cfg)
+    yield from _at_least(cfg, "batch_size", 1)
+    for mode in cfg.modes:
+        if mode not in MODES:
+            yield f"modes: {mode!r} is not one of: {', '.join(MODES)}"
+    for threshold in cfg.thresholds:
+        if not 0.0 <= threshold <= 1.0:
+            yield f"thresholds: {threshold} must be in [0, 1]"
+
+
+def _run_rules(cfg: DictConfig) -> Iterator[str]:
+    yield from _training_rules(cfg)
+    yield from _eval_rules(cfg.eval)
+    yield from _convert_rules(cfg)
+
+
+_STAGE_RULES: dict[str, Callable[[DictConfig], Iterator[str]]] = {
+    "convert": _convert_rules,
+    "train": _training_rules,
+    "export": lambda cfg: iter(()),
+    "generate": _generate_rules,
+    "eval": _eval_rules,
+    "run": _run_rules,
+}
+
+
+def validate_stage(stage: str, cfg: DictConfig) -> list[str]:
+    """All the problems with a composed, type-checked config (empty when it can run)."""
+    return list(_choices(cfg)) + list(_STAGE_RULES[stage](cfg))

@@ -1,0 +1,35 @@
+"""The package as users install it: every subpackage and the recipes ship in the wheel."""
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ar2dlm").rglob("__init__.py")}
+    assert found | {"ar2dlm.recipes"} == listed
+
+
+def test_wheel_ships_the_recipes_and_finds_them(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(tmp_path.glob("ar2dlm-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    recipes = sorted(p.relative_to(ROOT / "recipes").as_posix() for p in (ROOT / "recipes").rglob("*.yaml"))
+    assert recipes and all(f"ar2dlm/recipes/{name}" in names for name in recipes)
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    found = subprocess.run(
+        [sys.executable, "-c", "from ar2dlm.config import recipes_dir; print(recipes_dir())"],
+        capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""}, timeout=120,
+    )
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert Path(found.stdout.strip()) == target / "ar2dlm" / "recipes"
