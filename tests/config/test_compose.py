@@ -1,5 +1,6 @@
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 
 from ar2dlm.config import ConfigError, compose_stage, recipes_dir, stage_keys
 from ar2dlm.config.schema import STAGE_SCHEMAS
@@ -103,7 +104,7 @@ def test_other_stages_validate_values(stage, overrides, message):
 
 def test_composed_config_is_read_only():
     cfg = compose_stage("train", REQUIRED["train"])
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError):
         cfg.train.steps = 3
 
 

@@ -1,0 +1,191 @@
+"""The block-diffusion core attention: one function, three interchangeable kernels.
+
+Kernels (all compute the same result; the mask rules live in :mod:`ar2dlm.model.masks`):
+
+- ``"flex"``: FlexAttention with a block-sparse ``BlockMask`` (compiled on CUDA, eager on CPU).
+  torch has no FlexAttention backward on CPU, so CPU use is forward-only.
+- ``"sdpa"``: ``scaled_dot_product_attention`` with the dense boolean mask (CPU training path).
+- ``"split"``: doubled layouts only. The clean half is attended on its own (plain causal SDPA for
+  ``doubled_causal`` without documents), the noisy half as L queries against all 2L keys; the
+  result equals ``"sdpa"`` with less work than the 2L x 2L dense mask.
+- ``"auto"``: ``"flex"`` on CUDA; on CPU ``"split"`` for doubled layouts, else ``"sdpa"`` (eager
+  CPU flex materialises the full score matrix and is an order of magnitude slower than SDPA).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
+
+from ar2dlm.model.masks import (
+    Layout,
+    build_block_mask,
+    dense_mask,
+    is_doubled,
+    total_length,
+    validate_mask_args,
+)
+
+Kernel = Literal["auto", "flex", "sdpa", "split"]
+KERNELS: tuple[str, ...] = get_args(Kernel)
+
+
+def block_diffusion_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    layout: Layout,
+    block_size: int,
+    seq_len: int,
+    document_ids: Tensor | None = None,
+    kernel: Kernel = "auto",
+    scale: float | None = None,
+) -> Tensor:
+    """Masked attention over [batch, heads, S, head_dim] tensors; returns [batch, q_heads, S, v_dim].
+
+    S is ``seq_len`` (single-stream layouts) or ``2 * seq_len`` (doubled ``[x_t ; x_0]``). Key/value
+    heads may divide query heads (GQA). ``document_ids`` [batch, seq_len] restricts attention to
+    the same packed document. The output has the input dtype.
+    """
+    validate_mask_args(layout, seq_len, block_size, document_ids)
+    _validate_qkv(query, key, value, layout, seq_len, document_ids)
+    if document_ids is not None:
+        document_ids = document_ids.to(query.device)
+    chosen = select_kernel(kernel, layout, query.device, _needs_grad(query, key, value))
+    gqa = query.shape[1] != key.shape[1]
+    if chosen == "flex":
+        block_mask = build_block_mask(layout, seq_len, block_size, document_ids, device=query.device)
+        if query.device.type == "cpu":  # CPU flex refuses inputs that require grad, even under no_grad
+            query, key, value = query.detach(), key.detach(), value.detach()
+        flex = _compiled_flex() if query.device.type == "cuda" else flex_attention
+        return flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if chosen == "split":
+        return _split_attention(query, key, value, layout, block_size, seq_len, document_ids, scale, gqa)
+    mask = _sdpa_mask(layout, seq_len, block_size, document_ids, query.device)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def select_kernel(kernel: str, layout: Layout, device: torch.device, needs_grad: bool) -> str:
+    """Resolve ``"auto"`` and check the request is possible; returns ``"flex"``, ``"sdpa"`` or ``"split"``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
+    if kernel == "split" and not is_doubled(layout):
+        raise ValueError(f"kernel 'split' needs a doubled layout, got layout {layout!r}")
+    if kernel == "flex" and device.type == "cpu" and needs_grad:
+        raise ValueError(
+            "kernel 'flex' has no backward on CPU (torch FlexAttention); use kernel 'sdpa' or 'split', "
+            "or run under torch.no_grad()"
+        )
+    if kernel != "auto":
+        return kernel
+    if device.type == "cuda":
+        return "flex"
+    return "split" if is_doubled(layout) else "sdpa"
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _validate_qkv(
+    query: Tensor, key: Tensor, value: Tensor, layout: Layout, seq_len: int, document_ids: Tensor | None
+) -> None:
+    tensors = {"query": query, "key": key, "value": value}
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got {shape}")
+    if len({t.dtype for t in tensors.values()}) != 1:
+        raise ValueError(
+            f"query, key and value must share a dtype, got {[str(t.dtype) for t in tensors.values()]}"
+        )
+    if len({t.device for t in tensors.values()}) != 1:
+        raise ValueError(
+            f"query, key and value must share a device, got {[str(t.device) for t in tensors.values()]}"
+        )
+    size = total_length(layout, seq_len)
+    for name, t in tensors.items():
+        if t.shape[0] != query.shape[0] or t.shape[2] != size:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}; layout {layout!r} with seq_len={seq_len} needs "
+                f"[batch={query.shape[0]}, heads, {size}, head_dim]"
+            )
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(
+            f"key and value must have the same number of heads, got {key.shape[1]} and {value.shape[1]}"
+        )
+    if query.shape[1] % key.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]}) for GQA"
+        )
+    if query.shape[3] != key.shape[3]:
+        raise ValueError(f"query and key head_dim differ: {query.shape[3]} vs {key.shape[3]}")
+    if document_ids is not None and document_ids.shape[0] != query.shape[0]:
+        raise ValueError(f"document_ids batch ({document_ids.shape[0]}) != query batch ({query.shape[0]})")
+
+
+@functools.cache
+def _compiled_flex():  # returns torch.compile's wrapper
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_dense(layout: Layout, seq_len: int, block_size: int, device: torch.device) -> Tensor:
+    return dense_mask(layout, seq_len, block_size, device=device)
+
+
+def _sdpa_mask(
+    layout: Layout, seq_len: int, block_size: int, document_ids: Tensor | None, device: torch.device
+) -> Tensor:
+    """Dense boolean mask shaped for SDPA: [S, S], or [batch, 1, S, S] with documents."""
+    if document_ids is None:
+        return _cached_dense(layout, seq_len, block_size, device)
+    return dense_mask(layout, seq_len, block_size, document_ids, device=device).unsqueeze(1)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_split_masks(
+    layout: Layout, seq_len: int, block_size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    full = dense_mask(layout, seq_len, block_size, device=device)
+    return full[:seq_len].contiguous(), full[seq_len:, seq_len:].contiguous()
+
+
+def _split_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layout: Layout,
+    block_size: int,
+    seq_len: int,
+    document_ids: Tensor | None,
+    scale: float | None,
+    gqa: bool,
+) -> Tensor:
+    """Doubled layouts: noisy rows (L x 2L mask) and clean rows (L x L, never see noisy keys) apart."""
+    n = seq_len
+    if document_ids is None:
+        noisy_mask, clean_mask = _cached_split_masks(layout, seq_len, block_size, query.device)
+    else:
+        full = dense_mask(layout, seq_len, block_size, document_ids, device=query.device).unsqueeze(1)
+        noisy_mask, clean_mask = full[..., :n, :], full[..., n:, n:]
+    q_noisy, q_clean = query[..., :n, :], query[..., n:, :]
+    k_clean, v_clean = key[..., n:, :], value[..., n:, :]
+    if layout == "doubled_causal" and document_ids is None:
+        clean = F.scaled_dot_product_attention(
+            q_clean, k_clean, v_clean, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    else:
+        clean = F.scaled_dot_product_attention(
+            q_clean, k_clean, v_clean, attn_mask=clean_mask, scale=scale, enable_gqa=gqa
+        )
+    noisy = F.scaled_dot_product_attention(
+        q_noisy, key, value, attn_mask=noisy_mask, scale=scale, enable_gqa=gqa
+    )
+    return torch.cat([noisy, clean], dim=-2)

@@ -1,0 +1,104 @@
+"""The block-diffusion core attention that replaces megatron-core's in every transformer layer.
+
+Megatron's self-attention projects q/k/v (and applies q/k norms), then calls ``core_attention``.
+Rotary embeddings are applied *here* rather than by the GPT model, because both halves of the
+doubled training sequence ``[x_t ; x_0]`` reuse positions 0..L-1. The GPT model is therefore
+built with ``position_embedding_type="none"`` (see :mod:`ar2dlm.model.gpt`), and the rotary
+settings (base, scaling) come from the model config that megatron-bridge fills from the HF config.
+
+What a forward attends to is described by an :class:`AttentionLayout`, passed through the GPT
+model as its ``attention_mask`` argument. A plain boolean tensor in Megatron's convention (True =
+masked out) is accepted too. ``None`` is refused: megatron-core silently applies no mask at all in
+that case for arbitrary mask types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+
+from ar2dlm.model.attention import Kernel, block_diffusion_attention
+from ar2dlm.model.masks import Layout, is_doubled, total_length
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """The attention pattern of one forward pass (see :mod:`ar2dlm.model.masks` for the layouts)."""
+
+    layout: Layout
+    seq_len: int
+    block_size: int = 1
+    document_ids: Tensor | None = None
+    kernel: Kernel = "auto"
+
+    def positions(self, device: torch.device) -> Tensor:
+        """Rotary positions of the attention sequence: 0..L-1, twice for the doubled layouts."""
+        single = torch.arange(self.seq_len, device=device)
+        return single.repeat(2) if is_doubled(self.layout) else single
+
+    @property
+    def total_length(self) -> int:
+        return total_length(self.layout, self.seq_len)
+
+
+class BlockDiffusionCoreAttention(MegatronModule):
+    """Drop-in ``core_attention`` for megatron-core layer specs (local and Transformer Engine)."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
+                 cp_comm_type: str | None = None, softmax_scale: float | None = None, pg_collection=None,
+                 **kwargs):
+        super().__init__(config=config)
+        if getattr(config, "context_parallel_size", 1) > 1:
+            raise NotImplementedError("context parallelism is not supported by the block-diffusion attention yet")
+        self.layer_number = layer_number
+        self.softmax_scale = softmax_scale
+        self.rotary = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=getattr(config, "rotary_percent", 1.0),
+            rotary_interleaved=config.rotary_interleaved,
+            seq_len_interpolation_factor=getattr(config, "seq_len_interpolation_factor", None),
+            rotary_base=getattr(config, "rotary_base", 10000),
+            rope_scaling=getattr(config, "rope_scaling", False),
+            rope_scaling_factor=getattr(config, "rope_scaling_factor", 8.0),
+            use_cpu_initialization=True,
+        )
+
+    def _apply_rotary(self, tensor: Tensor, positions: Tensor) -> Tensor:
+        table = self.rotary(int(positions.max()) + 1)  # [max_pos, 1, 1, dim]
+        table = table.to(tensor.device)[positions]
+        return apply_rotary_pos_emb(tensor, table, config=self.config)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None) -> Tensor:
+        """q [sq, b, heads, d], k/v [sk, b, groups, d] -> [sq, b, heads * d]."""
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("attention bias and THD packed sequences are not supported")
+        if attention_mask is None:
+            raise ValueError("block-diffusion attention needs an AttentionLayout or an explicit boolean mask")
+        seq = query.shape[0]
+        if isinstance(attention_mask, AttentionLayout):
+            if attention_mask.total_length != seq:
+                raise ValueError(f"layout expects {attention_mask.total_length} tokens, got {seq}")
+            positions = attention_mask.positions(query.device)
+        else:
+            positions = torch.arange(seq, device=query.device)
+        query = self._apply_rotary(query, positions)
+        key = self._apply_rotary(key, positions)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        if isinstance(attention_mask, AttentionLayout):
+            out = block_diffusion_attention(
+                q, k, v, layout=attention_mask.layout, block_size=attention_mask.block_size,
+                seq_len=attention_mask.seq_len, document_ids=attention_mask.document_ids,
+                kernel=attention_mask.kernel, scale=self.softmax_scale,
+            )
+        else:
+            allowed = ~attention_mask.to(torch.bool)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+        return out.permute(2, 0, 1, 3).reshape(seq, out.shape[0], -1)
