@@ -41,3 +41,26 @@ def tiny_provider(megatron_ready):
         make_vocab_size_divisible_by=1, hidden_dropout=0.0, attention_dropout=0.0,
     )
     return prepare_provider(provider)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with an unused ``<|fim_pad|>`` special token (Qwen-style)."""
+    from ar2dlm.model.hf_factory import train_tokenizer
+
+    texts = ["the quick brown fox jumps over the lazy dog", "0 1 2 3 4 5 6 7 8 9 + - = reverse sort copy"] * 10
+    return train_tokenizer(texts, vocab_size=300, extra_special_tokens=["<|fim_pad|>"])
+
+
+@pytest.fixture
+def make_tiny_hf(tmp_path, tiny_tokenizer):
+    """Factory: a tiny random HF checkpoint of a family, saved with the tiny tokenizer."""
+    from ar2dlm.model.hf_factory import make_hf_model
+
+    def make(architecture: str, tied: bool = False, tokenizer=None, name: str | None = None, **overrides):
+        tokenizer = tokenizer or tiny_tokenizer
+        vocab = overrides.pop("vocab_size", len(tokenizer) + 4)
+        return make_hf_model(architecture, tmp_path / (name or f"{architecture}-{'tied' if tied else 'untied'}"),
+                             vocab_size=vocab, tie_word_embeddings=tied, tokenizer=tokenizer, **overrides)
+
+    return make

@@ -102,6 +102,7 @@ class ConvertStage:
     output: str = "???"
     mask_token_id: int | None = None
     block_size: int = 32
+    dtype: str = "auto"  # auto (the source's) | float32 | bfloat16 | float16
     overwrite: bool = False
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -20,6 +20,7 @@ CHOICES: dict[str, tuple] = {
     "diffusion.attention_kernel": ("auto", "flex", "sdpa", "split"),
     "optim.schedule": ("wsd", "cosine", "constant"),
     "mode": ("ar", "diffusion", "self_spec"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 
 MODES = CHOICES["mode"]

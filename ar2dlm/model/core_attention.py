@@ -68,6 +68,9 @@ class BlockDiffusionCoreAttention(MegatronModule):
             rope_scaling_factor=getattr(config, "rope_scaling_factor", 8.0),
             use_cpu_initialization=True,
         )
+        inv_freq = getattr(config, "rotary_inv_freq", None)  # exact HF table for scaled RoPE variants
+        if inv_freq is not None:
+            self.rotary.inv_freq = torch.tensor(inv_freq, dtype=torch.float32)
 
     def _apply_rotary(self, tensor: Tensor, positions: Tensor) -> Tensor:
         table = self.rotary(int(positions.max()) + 1)  # [max_pos, 1, 1, dim]

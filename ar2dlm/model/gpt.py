@@ -49,8 +49,32 @@ def block_diffusion_layer_spec(config) -> ModuleSpec:
     return spec
 
 
-def prepare_provider(provider, *, params_dtype: torch.dtype = torch.float32, seq_length: int | None = None):
-    """Adapt a megatron-bridge GPT provider in place for block-diffusion training; returns it."""
+def rotary_inv_freq_from_hf(hf_config) -> tuple[float, ...] | None:
+    """Inverse rotary frequencies exactly as transformers computes them, for scaled RoPE variants.
+
+    megatron-core's llama3 scaling fixes low/high frequency factors and the original context (1, 4,
+    8192) and reads only the factor; taking HF's own table keeps every checkpoint exact.
+    """
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise UserError(f"rope_scaling type {rope_type!r} is not supported")
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    if attention_scaling != 1.0:
+        raise UserError(f"rope_scaling type {rope_type!r} scales attention ({attention_scaling}); not supported yet")
+    return tuple(inv_freq.float().tolist())
+
+
+def prepare_provider(provider, *, params_dtype: torch.dtype | None = None, hf_config=None,
+                     seq_length: int | None = None):
+    """Adapt a megatron-bridge GPT provider in place for block-diffusion training; returns it.
+
+    ``hf_config`` (the source's transformers config) supplies exact rotary tables for scaled RoPE.
+    """
     configure_torch_for_cpu()
     if provider.position_embedding_type not in ("rope", "none"):
         raise UserError(
@@ -58,11 +82,14 @@ def prepare_provider(provider, *, params_dtype: torch.dtype = torch.float32, seq
         )
     provider.position_embedding_type = "none"  # rotary is applied inside BlockDiffusionCoreAttention
     provider.transformer_layer_spec = block_diffusion_layer_spec
-    provider.params_dtype = params_dtype
-    provider.bf16 = params_dtype == torch.bfloat16
-    provider.fp16 = params_dtype == torch.float16
-    provider.pipeline_dtype = params_dtype
-    provider.autocast_dtype = params_dtype
+    if hf_config is not None:
+        provider.rotary_inv_freq = rotary_inv_freq_from_hf(hf_config)
+    if params_dtype is not None:
+        provider.params_dtype = params_dtype
+        provider.bf16 = params_dtype == torch.bfloat16
+        provider.fp16 = params_dtype == torch.float16
+    provider.pipeline_dtype = provider.params_dtype
+    provider.autocast_dtype = provider.params_dtype
     if seq_length is not None:
         provider.seq_length = max(provider.seq_length, 2 * seq_length)
     if not cuda_available():
