@@ -17,9 +17,13 @@ STAGE_ENTRY_POINTS: dict[str, str] = {
     "generate": "ar2dlm.runtime.generate_cli:run_generate",
     "eval": "ar2dlm.eval.run:run_eval",
     "run": "ar2dlm.pipeline:run_pipeline",
+    "data_prepare": "ar2dlm.data.prepare:run_prepare",
 }
+# multi-word commands: `ar2dlm data prepare ...` runs stage data_prepare
+SUBCOMMANDS = {("data", "prepare"): "data_prepare"}
 
 USAGE = """usage: ar2dlm <stage> [recipe=NAME] [key=value ...] [--help | --cfg]
+       ar2dlm data prepare source.path=... tokenizer=... output=...
 
 stages:
 {stages}
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ar2dlm {__version__}")
         return 0
     stage, rest = args[0], args[1:]
+    if rest and (stage, rest[0]) in SUBCOMMANDS:
+        stage, rest = SUBCOMMANDS[(stage, rest[0])], rest[1:]
     flags = [a for a in rest if a.startswith("--")]
     overrides = [a for a in rest if not a.startswith("--")]
     try:
@@ -102,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"ar2dlm {stage}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # e.g. `ar2dlm train --help | head`
+        return 0
     except KeyboardInterrupt:
         print(f"ar2dlm {stage}: interrupted", file=sys.stderr)
         return 130

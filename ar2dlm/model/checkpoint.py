@@ -97,8 +97,12 @@ def _sharded_state_dict(model_chunks: list) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
-def load_model(directory: str | Path, *, params_dtype: torch.dtype | None = None, seq_length: int | None = None):
-    """Rebuild the Megatron model of a checkpoint and load its weights; returns (chunks, metadata, bridge)."""
+def load_model(directory: str | Path, *, params_dtype: torch.dtype | None = None, seq_length: int | None = None,
+               configure=None):
+    """Rebuild the Megatron model of a checkpoint and load its weights; returns (chunks, metadata, bridge).
+
+    ``configure(provider)`` may set training options (parallel sizes, FP8, ...) before the model is built.
+    """
     from transformers import AutoConfig
 
     from ar2dlm.conversion.bridge import bridge_from_config, megatron_provider
@@ -110,6 +114,8 @@ def load_model(directory: str | Path, *, params_dtype: torch.dtype | None = None
     bridge = bridge_from_config(hf_config)
     provider = megatron_provider(bridge, hf_config, params_dtype=params_dtype or metadata.torch_dtype,
                                  seq_length=seq_length)
+    if configure is not None:
+        configure(provider)
     chunks = build_model(provider)
     load_weights(chunks, path / WEIGHTS_DIR)
     return chunks, metadata, bridge

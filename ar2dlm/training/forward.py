@@ -1,0 +1,106 @@
+"""One micro-batch of the training objective: noise, the (doubled) model input, and the loss terms.
+
+``objective: joint`` feeds ``[x_t ; x_0]`` through one forward pass: the noisy half gives the
+unshifted diffusion loss, the clean half the shifted AR loss (DESIGN.md 2.1-2.4). ``objective: ar``
+is a plain causal pass. ``objective: diffusion`` keeps the doubled sequence (the clean half is the
+context the noisy blocks read) but drops the AR term, unless the single-stream ``bidirectional``
+baseline is chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ar2dlm.model.core_attention import AttentionLayout
+from ar2dlm.model.masks import doubled_layout
+from ar2dlm.training.loss import (
+    LossParts,
+    ObjectiveWeights,
+    ar_target_mask,
+    compute_loss_parts,
+    doubled_labels,
+)
+from ar2dlm.training.noise import NoiseConfig, NoiseDraw, sample_noise
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    weights: ObjectiveWeights
+    noise: NoiseConfig
+    clean_pattern: str  # causal | block_causal | bidirectional (single noisy stream)
+    attention_kernel: str
+    seed: int
+    pad_id: int
+
+    @property
+    def layout(self) -> str:
+        if not self.weights.doubled_sequence:
+            return "causal"
+        if self.clean_pattern == "bidirectional":
+            return "bidirectional"
+        return doubled_layout(self.clean_pattern)
+
+
+@dataclass
+class PreparedBatch:
+    """Everything one forward pass needs, computed before the model runs (noise needs no model)."""
+
+    input_ids: Tensor
+    labels: Tensor
+    layout: AttentionLayout
+    noise: NoiseDraw | None
+    ar_mask: Tensor | None
+    maskable: int
+
+    @property
+    def loss_tokens(self) -> Tensor:
+        """Tokens this micro-batch contributes to the loss denominator (enabled terms only)."""
+        count = torch.zeros((), dtype=torch.float64)
+        if self.noise is not None:
+            count += self.noise.masked.sum()
+        if self.ar_mask is not None:
+            count += self.ar_mask.sum()
+        return count
+
+
+def prepare_batch(batch, step: int, settings: ObjectiveSettings) -> PreparedBatch:
+    """Noise the micro-batch (seeded by its global sample indices and the step) and lay out the input."""
+    x0, loss_mask, documents = batch.input_ids, batch.loss_mask, batch.document_ids
+    length = x0.shape[1]
+    layout_name = settings.layout
+    layout = AttentionLayout(layout_name, length, settings.noise.block_size, documents, settings.attention_kernel)
+    if layout_name == "causal":
+        labels = doubled_labels(x0, settings.pad_id)[:, length:]
+        return PreparedBatch(x0, labels, layout, None, ar_target_mask(loss_mask, documents), int(loss_mask.sum()))
+    noise = sample_noise(x0, batch.sample_index, step, settings.seed, settings.noise, loss_mask, documents)
+    if layout_name == "bidirectional":
+        return PreparedBatch(noise.noisy_ids, x0, layout, noise, None, int(loss_mask.sum()))
+    ar_mask = ar_target_mask(loss_mask, documents) if settings.weights.ar > 0 else None
+    inputs = torch.cat([noise.noisy_ids, x0], dim=1)
+    return PreparedBatch(inputs, doubled_labels(x0, settings.pad_id), layout, noise, ar_mask, int(loss_mask.sum()))
+
+
+def forward_loss(model, prepared: PreparedBatch, settings: ObjectiveSettings) -> LossParts:
+    """Run the model with labels (per-token CE from megatron, vocab-parallel) and combine the terms."""
+    device = next(model.parameters()).device
+    layout = prepared.layout
+    if layout.document_ids is not None:
+        layout = AttentionLayout(layout.layout, layout.seq_len, layout.block_size,
+                                 layout.document_ids.to(device), layout.kernel)
+    token_ce = model(prepared.input_ids.to(device), None, layout, labels=prepared.labels.to(device))
+    length = layout.seq_len
+    weights = settings.weights
+    noise = prepared.noise
+    if layout.layout == "causal":
+        return compute_loss_parts(None, token_ce, ar_mask=prepared.ar_mask.to(device), dlm_weight=0.0,
+                                  ar_weight=weights.ar)
+    if layout.layout == "bidirectional":
+        return compute_loss_parts(token_ce, None, noise.masked.to(device), noise.weight.to(device),
+                                  dlm_weight=weights.dlm, ar_weight=0.0)
+    ar_ce = token_ce[:, length:] if prepared.ar_mask is not None else None
+    ar_mask = prepared.ar_mask.to(device) if prepared.ar_mask is not None else None
+    return compute_loss_parts(token_ce[:, :length], ar_ce, noise.masked.to(device), noise.weight.to(device),
+                              ar_mask, dlm_weight=weights.dlm, ar_weight=weights.ar)

@@ -1,0 +1,203 @@
+"""`ar2dlm train`: AR, joint AR + diffusion, or diffusion training of a converted model on megatron-core."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from ar2dlm.compat import cuda_available
+from ar2dlm.distributed import ParallelLayout, init_distributed, is_rank_zero
+from ar2dlm.errors import UserError
+from ar2dlm.log import MetricSinks, logger, progress
+from ar2dlm.model.checkpoint import HF_DIR, load_model, read_metadata
+from ar2dlm.training.checkpointing import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_training_checkpoint,
+)
+from ar2dlm.training.forward import ObjectiveSettings, forward_loss, prepare_batch
+from ar2dlm.training.loss import LossParts, objective_weights
+from ar2dlm.training.noise import NoiseConfig
+from ar2dlm.training.optim import build_optimizer, build_scheduler
+from ar2dlm.training.parallel_setup import (
+    PRECISION_DTYPES,
+    all_reduce_gradients,
+    check_layout_supported,
+    configure_provider,
+    wrap_data_parallel,
+)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingDivergedError(UserError):
+    """The loss or the gradient became NaN/Inf; no checkpoint is written for that step."""
+
+    exit_code = 3
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule and data of one run; ``fit()`` trains to ``train.steps``."""
+
+    def __init__(self, cfg: DictConfig):
+        from megatron.core import parallel_state
+        from transformers import AutoTokenizer
+
+        from ar2dlm.data.loader import TrainDataLoader, build_datasets
+
+        self.cfg = cfg
+        self.output = Path(cfg.output).expanduser()
+        resume_from = self._resume_point()
+        start_from = resume_from or Path(cfg.init).expanduser()
+        self.metadata = read_metadata(start_from)
+        self.hf_dir = start_from / HF_DIR
+        seq_length = cfg.data.seq_length
+        self.model, _, _ = load_model(start_from, params_dtype=PRECISION_DTYPES[cfg.train.precision],
+                                      seq_length=seq_length, configure=lambda p: configure_provider(p, cfg))
+        if cuda_available():
+            self.model = wrap_data_parallel(self.model, cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
+        weights = objective_weights(cfg.train.objective, cfg.diffusion.dlm_loss_weight, cfg.diffusion.ar_loss_weight)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.settings = ObjectiveSettings(
+            weights=weights,
+            noise=NoiseConfig(mask_token_id=self.metadata.mask_token_id, schedule=cfg.diffusion.noise_schedule,
+                              block_size=cfg.diffusion.block_size, eps=cfg.diffusion.eps,
+                              half_life_ratio=cfg.diffusion.half_life_ratio),
+            clean_pattern=cfg.diffusion.clean_pattern, attention_kernel=cfg.diffusion.attention_kernel,
+            seed=cfg.seed, pad_id=int(pad_id or 0),
+        )
+        self.dp_group = parallel_state.get_data_parallel_group()
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        train_set, self.validation_set = build_datasets(cfg.data, self.tokenizer, seq_length=seq_length,
+                                                        block_size=cfg.diffusion.block_size, seed=cfg.seed)
+        self.loader = TrainDataLoader(train_set, global_batch_size=cfg.train.global_batch_size,
+                                      micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
+                                      dp_size=dp_size, seed=cfg.seed)
+        self.optimizer = build_optimizer(self.model, cfg.optim, use_megatron=cuda_available(),
+                                         bf16=cfg.train.precision == "bf16",
+                                         distributed=cfg.parallel.distributed_optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.step = 0
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    def _resume_point(self) -> Path | None:
+        latest = latest_checkpoint(self.output)
+        if latest is not None and not self.cfg.resume:
+            raise UserError(f"output {self.output} already has checkpoints (latest: {latest.name}); pass resume=true "
+                            "to continue that run or choose another output")
+        if self.cfg.resume and latest is None:
+            logger.info("resume=true but %s has no checkpoint yet: starting from init=%s", self.output, self.cfg.init)
+        return latest
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_training_checkpoint(checkpoint, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        restore_rng_state(state["rng"])
+        self.step = state["step"]
+        logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
+                "rng": rng_state(), "config": OmegaConf.to_container(self.cfg)}
+
+    def _save(self) -> None:
+        path = save_training_checkpoint(self.output, self.step, self.model, self.optimizer, self._trainer_state(),
+                                        self.metadata, self.hf_dir, self.cfg.checkpoint.keep_last)
+        logger.info("saved checkpoint %s", path)
+
+    def _train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; the loss is averaged over all tokens of all ranks."""
+        started = time.perf_counter()
+        for chunk in self.model:
+            chunk.train()
+        prepared = [prepare_batch(batch, step, self.settings) for batch in self.loader.next_step()]
+        global_tokens = torch.stack([p.loss_tokens for p in prepared]).sum()
+        maskable = torch.tensor(float(sum(p.maskable for p in prepared)), dtype=torch.float64)
+        counts = torch.stack([global_tokens, maskable])
+        if dist.is_initialized():
+            dist.all_reduce(counts, group=self.dp_group)
+        global_tokens, maskable = counts[0].clamp(min=1), counts[1].clamp(min=1)
+        self.optimizer.zero_grad()
+        for chunk in self.model:
+            if hasattr(chunk, "zero_grad_buffer"):
+                chunk.zero_grad_buffer()
+        total: LossParts | None = None
+        for batch in prepared:
+            parts = forward_loss(self.model[0], batch, self.settings)
+            (parts.loss_sum / global_tokens.to(parts.loss_sum.dtype)).backward()
+            detached = LossParts(parts.dlm_sum.detach(), parts.dlm_tokens, parts.ar_sum.detach(), parts.ar_tokens,
+                                 parts.dlm_weight, parts.ar_weight)
+            total = detached if total is None else total + detached
+        reduced = total.all_reduce(self.dp_group)
+        loss = float(reduced.loss_sum) / float(global_tokens)
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(f"loss is {loss} at step {step}; stopping without writing a checkpoint "
+                                        f"for this step (last good one: {latest_checkpoint(self.output)})")
+        if cuda_available():
+            for chunk in self.model:
+                chunk.finish_grad_sync()
+        else:
+            all_reduce_gradients(self.optimizer.parameters(), self.dp_group)
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = self.optimizer.step()
+        if not math.isfinite(grad_norm):
+            raise TrainingDivergedError(f"gradient norm is {grad_norm} at step {step}; parameters were not updated "
+                                        "and no checkpoint is written for this step")
+        self.scheduler.step(1)
+        elapsed = time.perf_counter() - started
+        tokens = self.cfg.train.global_batch_size * prepared[0].input_ids.shape[1]
+        return {"loss": loss, "ar_loss": float(reduced.ar_loss), "dlm_loss": float(reduced.dlm_loss),
+                "mask_fraction": float(reduced.dlm_tokens) / float(maskable),
+                "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed}
+
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        self.output.mkdir(parents=True, exist_ok=True)
+        sinks = MetricSinks(self.output, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project,
+                            cfg.logging.run_name, OmegaConf.to_container(cfg))
+        history = []
+        try:
+            steps = range(self.step + 1, cfg.train.steps + 1)
+            bar = progress(steps, desc=f"train ({cfg.train.objective})", total=len(steps), unit="step")
+            for step in bar:
+                metrics = self._train_step(step)
+                self.step = step
+                history.append({"step": step, **metrics})
+                if is_rank_zero():
+                    with (self.output / METRICS_FILE).open("a") as handle:
+                        handle.write(json.dumps(history[-1]) + "\n")
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                if step % cfg.train.log_interval == 0:
+                    sinks.log({f"train/{k}": v for k, v in metrics.items()}, step)
+                    logger.debug("step %d %s", step, metrics)
+                if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) \
+                        or step == cfg.train.steps:
+                    self._save()
+        finally:
+            sinks.close()
+        return history
+
+
+def run_train(cfg: DictConfig) -> int:
+    """CLI entry point of `ar2dlm train`."""
+    read_metadata(cfg.init) if not cfg.resume or latest_checkpoint(Path(cfg.output)) is None else None
+    check_layout_supported(cfg.parallel)
+    init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)
+    history = Trainer(cfg).fit()
+    if history and is_rank_zero():
+        last = history[-1]
+        print(f"trained to step {last['step']}: loss {last['loss']:.4f} (AR {last['ar_loss']:.4f}, "
+              f"diffusion {last['dlm_loss']:.4f}); checkpoints in {Path(cfg.output) / 'checkpoints'}")
+    return 0

@@ -1,0 +1,153 @@
+"""Optimizer and learning-rate schedule.
+
+GPU: megatron-core's optimizer (distributed optimizer, grad clipping, mixed precision).
+CPU: torch AdamW with torch's grad clipping, because megatron-core's optimizer needs CUDA; its
+state is exposed as a megatron sharded state dict (the same helpers megatron uses for its FP32
+optimizer), so optimizer checkpoints load under any parallel layout either way.
+The schedule is megatron-core's OptimizerParamScheduler (WSD, cosine, constant; linear warmup).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    optim_state_to_sharding_state,
+)
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from omegaconf import DictConfig
+
+_DECAY_STYLE = {"wsd": "WSD", "cosine": "cosine", "constant": "constant"}
+
+
+def _no_weight_decay(name: str, parameter: torch.nn.Parameter) -> bool:
+    return parameter.ndim < 2 or name.endswith(".bias")
+
+
+class TorchAdamW:
+    """torch AdamW + grad-norm clipping, with megatron-style sharded state for checkpoints."""
+
+    def __init__(self, model_chunks: list, optim: DictConfig):
+        decay, no_decay = [], []
+        for chunk in model_chunks:
+            for name, parameter in chunk.named_parameters():
+                if parameter.requires_grad:
+                    (no_decay if _no_weight_decay(name, parameter) else decay).append(parameter)
+        groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                                           eps=optim.adam_eps, weight_decay=optim.weight_decay)
+        self.grad_clip = optim.grad_clip
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the gradients across tensor/pipeline ranks (TP duplicates counted once)."""
+        squares = torch.zeros((), dtype=torch.float64)
+        for parameter in self.parameters():
+            if parameter.grad is not None and param_is_not_tensor_parallel_duplicate(parameter):
+                squares += parameter.grad.detach().double().pow(2).sum().cpu()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+        return math.sqrt(float(squares))
+
+    def step(self) -> float:
+        """Clip to ``grad_clip`` (if > 0), step, and return the pre-clipping global grad norm."""
+        grad_norm = self.grad_norm()
+        if self.grad_clip > 0 and grad_norm > self.grad_clip:
+            scale = self.grad_clip / (grad_norm + 1e-6)
+            for parameter in self.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.mul_(scale)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        return grad_norm
+
+    def _init_state(self) -> None:
+        for parameter in self.parameters():
+            state = self.optimizer.state[parameter]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(parameter)
+                state["exp_avg_sq"] = torch.zeros_like(parameter)
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        if is_loading:
+            self._init_state()
+        state = self.optimizer.state_dict()
+        steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict, self.parameters())
+        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+        for per_param in state["state"].values():
+            per_param.pop("step", None)
+        state["common_step"] = steps.pop() if steps else 0.0
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        step = state.pop("common_step", 0.0)
+        for per_param in state["state"].values():
+            per_param["step"] = torch.tensor(float(step))
+        self.optimizer.load_state_dict(state)
+
+
+class MegatronOptimizer:
+    """megatron-core's optimizer (GPU): distributed optimizer, clipping and mixed precision inside."""
+
+    def __init__(self, model_chunks: list, optim: DictConfig, *, bf16: bool, distributed: bool):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        config = OptimizerConfig(
+            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+            adam_beta1=optim.beta1, adam_beta2=optim.beta2, adam_eps=optim.adam_eps, clip_grad=optim.grad_clip,
+            bf16=bf16, params_dtype=torch.float32 if not bf16 else torch.bfloat16,
+            use_distributed_optimizer=distributed,
+        )
+        self.optimizer = get_megatron_optimizer(config, model_chunks)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self) -> float:
+        _, grad_norm, _ = self.optimizer.step()
+        return float(grad_norm or 0.0)
+
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def build_optimizer(model_chunks: list, optim: DictConfig, *, use_megatron: bool, bf16: bool = False,
+                    distributed: bool = True):
+    if use_megatron:
+        return MegatronOptimizer(model_chunks, optim, bf16=bf16, distributed=distributed)
+    return TorchAdamW(model_chunks, optim)
+
+
+def build_scheduler(optimizer, optim: DictConfig, total_steps: int) -> OptimizerParamScheduler:
+    """megatron-core's scheduler; WSD decays over the last ``decay_fraction`` of the steps."""
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style=_DECAY_STYLE[optim.schedule], start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+        wsd_decay_steps=max(1, round(optim.decay_fraction * total_steps)), lr_wsd_decay_style="linear",
+    )
+    return scheduler

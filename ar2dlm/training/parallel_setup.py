@@ -1,0 +1,68 @@
+"""Training settings that live on the megatron model config: parallel sizes, precision, FP8, recompute."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from ar2dlm.compat import cuda_available
+from ar2dlm.errors import UserError
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_layout_supported(parallel: DictConfig) -> None:
+    """Refuse, with the reason, layouts this machine or the attention cannot run."""
+    if parallel.context > 1:
+        raise UserError("parallel.context > 1 is not supported yet: the block-diffusion attention has no "
+                        "context-parallel (ring) implementation")
+    if parallel.pipeline > 1:
+        reason = "" if cuda_available() else " (and megatron-core's pipeline schedules need CUDA)"
+        raise UserError("parallel.pipeline > 1 is not supported by the ar2dlm training loop yet" + reason)
+
+
+def configure_provider(provider, cfg: DictConfig):
+    """Apply the run's layout and precision to a megatron-bridge provider (before the model is built)."""
+    parallel, train = cfg.parallel, cfg.train
+    provider.tensor_model_parallel_size = parallel.tensor
+    provider.pipeline_model_parallel_size = parallel.pipeline
+    provider.context_parallel_size = parallel.context
+    provider.sequence_parallel = parallel.sequence_parallel
+    provider.calculate_per_token_loss = True  # the loss is summed and divided by the global token count
+    if train.fp8 is not None:
+        if not cuda_available():
+            raise UserError(f"train.fp8={train.fp8} needs a CUDA GPU with Transformer Engine")
+        provider.fp8 = train.fp8
+        provider.fp8_recipe = train.fp8_recipe
+        provider.fp8_param = False
+    if train.recompute == "full":
+        provider.recompute_granularity = "full"
+        provider.recompute_method = "uniform"
+        provider.recompute_num_layers = 1
+    elif train.recompute == "selective":
+        provider.recompute_granularity = "selective"
+        provider.recompute_modules = ["core_attn"]
+    return provider
+
+
+def all_reduce_gradients(parameters: list[torch.nn.Parameter], group) -> None:
+    """Sum gradients over the data-parallel group (CPU path; megatron DDP does this on GPU)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(synced)
+
+
+def wrap_data_parallel(model_chunks: list, cfg: DictConfig) -> list:
+    """megatron-core DDP on GPU (gradient buffers, bucketed all-reduce, distributed-optimizer sharding)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, average_in_collective=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk) for chunk in model_chunks]
