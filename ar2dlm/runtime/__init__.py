@@ -1,0 +1,46 @@
+"""The tri-mode HF runtime bundled into every export, and the helper that installs it (stdlib only here)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+RUNTIME_FILES: tuple[str, ...] = ("modeling_ar2dlm.py", "decoding_ar2dlm.py")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+)
+SERVING_ALGORITHMS: tuple[str, ...] = ("LinearSpec", "FastDiffuser")
+
+
+def runtime_class_name(architecture: str) -> str:
+    """``LlamaForCausalLM`` -> ``Ar2dlmLlamaForCausalLM`` (the class that auto_map names)."""
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise ValueError(f"unsupported architecture {architecture!r}; supported: {supported}")
+    return f"Ar2dlm{architecture}"
+
+
+def install_runtime(hf_dir: Path, *, architecture: str, mask_token_id: int, block_size: int,
+                    threshold: float = 0.9) -> None:
+    """Copy the runtime files into ``hf_dir`` and record auto_map, mask id, block size, threshold and
+    the dLLM serving hints in its config.json."""
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    class_name = runtime_class_name(architecture)
+    source_dir = Path(__file__).parent
+    for name in RUNTIME_FILES:
+        shutil.copyfile(source_dir / name, hf_dir / name)
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": f"modeling_ar2dlm.{class_name}"}
+    config.update(mask_token_id=int(mask_token_id), block_size=int(block_size),
+                  diffusion_threshold=float(threshold))
+    config["dllm"] = {"algorithms": list(SERVING_ALGORITHMS), "block_size": int(block_size),
+                      "mask_token_id": int(mask_token_id), "causal_context": True}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,317 @@
+"""ar2dlm decoding algorithms: AR, block diffusion and linear self-speculation (torch + transformers only).
+
+All three run on left-padded batches through one :class:`KVState`, which owns the KV cache and, per
+row, which cache slots are valid keys and the next position id. Positions that a row must not see
+(left padding, rejected speculative tokens) stay in the cache as invalid slots: "holes" that the
+custom 4D attention mask hides, so rows can accept different numbers of tokens per forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Validated arguments shared by the three modes."""
+
+    max_new_tokens: int
+    temperature: float
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    mask_id: int | None = None
+    block_length: int = 1
+    threshold: float = 1.0
+    use_prefix_cache: bool = True
+
+
+@dataclass
+class DecodeStats:
+    """What a decoding call did: forward passes, cycles (AR steps after the prefill, diffusion blocks,
+    or self-speculation cycles) and, per row, the new tokens it produced (EOS included)."""
+
+    mode: str
+    nfe: int = 0
+    cycles: int = 0
+    new_tokens: tuple[int, ...] = ()
+
+
+def allowed_keys(key_valid: torch.Tensor, num_queries: int, bidirectional_tail: int) -> torch.Tensor:
+    """Bool [B, q, K]: the last ``num_queries`` of K tokens attend causally to valid keys; the last
+    ``bidirectional_tail`` tokens also see each other (a diffusion block). A token always sees itself."""
+    num_keys = key_valid.shape[1]
+    device = key_valid.device
+    query_index = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
+    key_index = torch.arange(num_keys, device=device)[None, :]
+    tail_start = num_keys - bidirectional_tail
+    visible = (key_index <= query_index) | ((query_index >= tail_start) & (key_index >= tail_start))
+    return (visible[None] & key_valid[:, None, :]) | (key_index == query_index)[None]
+
+
+def model_attention_mask(model, allowed: torch.Tensor, key_pos: torch.Tensor, dtype: torch.dtype):
+    """The additive float mask [B, 1, q, K] (0 = attend) that eager and sdpa both accept, or a
+    per-layer-type dict of them when the model has sliding-window layers (Qwen2/Qwen3)."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+
+    def additive(keep: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros((), dtype=dtype, device=keep.device)
+        return torch.where(keep, zero, torch.finfo(dtype).min)[:, None]
+
+    if not window:
+        return additive(allowed)
+    query_pos = key_pos[:, key_pos.shape[1] - allowed.shape[1]:]
+    in_window = (query_pos[:, :, None] - key_pos[:, None, :]) < window
+    windowed = allowed & in_window  # a token is always inside its own window
+    if layer_types is not None:
+        if "sliding_attention" not in layer_types:
+            return additive(allowed)
+        return {"full_attention": additive(allowed), "sliding_attention": additive(windowed)}
+    return additive(windowed)
+
+
+class KVState:
+    """Token ids, key validity and positions of everything a batch has attended to, plus the KV cache.
+
+    With ``use_cache=False`` the cache is never used: every forward recomputes the whole sequence
+    (the reference that the cached path must equal).
+    """
+
+    def __init__(self, model, batch_size: int, use_cache: bool = True):
+        device = model.device
+        self.model = model
+        self.use_cache = use_cache
+        self.cache = DynamicCache() if use_cache else None
+        self.ids = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def forward(self, tokens: torch.Tensor, *, bidirectional: bool = False, keep: bool = True,
+                new_valid: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Run the model on ``tokens`` [B, q] after everything kept so far; return logits [B, *, V].
+
+        ``bidirectional``: the q tokens form one diffusion block. ``keep``: append them (their K/V)
+        to the state; otherwise the cache is cropped back afterwards. ``new_valid``: which of the
+        q tokens are real (left padding of a prompt); real tokens take consecutive positions."""
+        if new_valid is None:
+            new_valid = torch.ones_like(tokens, dtype=torch.bool)
+        new_pos = self.next_pos[:, None] + (new_valid.long().cumsum(1) - 1).clamp(min=0)
+        key_valid = torch.cat([self.valid, new_valid], 1)
+        key_pos = torch.cat([self.pos, new_pos], 1)
+        num_new = tokens.shape[1]
+        if self.use_cache:
+            inputs, positions, num_queries = tokens, new_pos, num_new
+        else:
+            inputs, positions, num_queries = torch.cat([self.ids, tokens], 1), key_pos, key_pos.shape[1]
+        allowed = allowed_keys(key_valid, num_queries, num_new if bidirectional else 0)
+        mask = model_attention_mask(self.model, allowed, key_pos, self.model.dtype)
+        old_length = self.length
+        output = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                            past_key_values=self.cache, use_cache=self.use_cache,
+                            logits_to_keep=logits_to_keep or num_new)
+        if keep:
+            self.ids = torch.cat([self.ids, tokens], 1)
+            self.valid, self.pos = key_valid, key_pos
+            self.next_pos = self.next_pos + new_valid.sum(1)
+        elif self.cache is not None:
+            self.cache.crop(old_length)
+        return output.logits
+
+    def reject_tail(self, keep_counts: torch.Tensor, tail: int) -> None:
+        """Of the last ``tail`` kept tokens, row b keeps its first ``keep_counts[b]``; the rest become
+        holes. Slots that every row rejects are cropped from the cache."""
+        start = self.length - tail
+        offsets = torch.arange(tail, device=keep_counts.device)[None, :]
+        self.valid[:, start:] &= offsets < keep_counts[:, None]
+        self.next_pos = self.next_pos - (tail - keep_counts)
+        new_length = start + int(keep_counts.max())
+        if new_length < self.length:
+            self.ids, self.valid, self.pos = (t[:, :new_length] for t in (self.ids, self.valid, self.pos))
+            if self.cache is not None:
+                self.cache.crop(new_length)
+
+
+def choose_tokens(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (argmax at temperature 0, else sampled from softmax(logits / T)) and their confidence:
+    the probability of the chosen token under softmax(logits) (the max probability when greedy)."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    if temperature == 0:
+        confidence, tokens = probs.max(dim=-1)
+        return tokens, confidence
+    flat = torch.softmax(logits / temperature, dim=-1).reshape(-1, logits.shape[-1])
+    tokens = torch.multinomial(flat, 1).reshape(logits.shape[:-1])
+    return tokens, probs.gather(-1, tokens[..., None])[..., 0]
+
+
+class Output:
+    """The new-token slots of a batch: filled in order, a row closes at EOS or at max_new_tokens."""
+
+    def __init__(self, batch_size: int, settings: DecodeSettings, device: torch.device):
+        self.settings = settings
+        self.tokens = torch.full((batch_size, settings.max_new_tokens), settings.pad_id, dtype=torch.long)
+        self.device = device
+        self.count = [0] * batch_size
+        self.done = [False] * batch_size
+
+    def emit(self, row: int, tokens: list[int]) -> None:
+        for token in tokens:
+            if self.done[row]:
+                return
+            self.tokens[row, self.count[row]] = token
+            self.count[row] += 1
+            self.done[row] = token in self.settings.eos_ids or self.count[row] == self.settings.max_new_tokens
+
+    def emit_batch(self, tokens: torch.Tensor, lengths: list[int] | None = None) -> None:
+        for row, values in enumerate(tokens.tolist()):
+            self.emit(row, values if lengths is None else values[: lengths[row]])
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def remaining(self) -> int:
+        """The most new tokens any open row may still take."""
+        open_counts = [c for c, done in zip(self.count, self.done, strict=True) if not done]
+        return self.settings.max_new_tokens - min(open_counts)
+
+    def finish(self, stats: DecodeStats) -> DecodeStats:
+        stats.new_tokens = tuple(self.count)
+        return stats
+
+    def sequences(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([input_ids, self.tokens.to(self.device)], 1)
+
+
+def _prefill(state: KVState, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Causal pass over the (left-padded) prompt; returns the last position's logits [B, V]."""
+    return state.forward(input_ids, new_valid=attention_mask.bool(), logits_to_keep=1)[:, -1]
+
+
+def ar_decode(model, input_ids, attention_mask, settings: DecodeSettings) -> tuple[torch.Tensor, DecodeStats]:
+    """Greedy/sampled AR decoding: prefill gives the first token, then one token per forward."""
+    state = KVState(model, input_ids.shape[0], settings.use_prefix_cache)
+    out = Output(input_ids.shape[0], settings, input_ids.device)
+    stats = DecodeStats("ar", nfe=1)
+    token, _ = choose_tokens(_prefill(state, input_ids, attention_mask), settings.temperature)
+    out.emit_batch(token[:, None])
+    while not out.all_done:
+        logits = state.forward(token[:, None], logits_to_keep=1)[:, -1]
+        stats.nfe += 1
+        stats.cycles += 1
+        token, _ = choose_tokens(logits, settings.temperature)
+        out.emit_batch(token[:, None])
+    return out.sequences(input_ids), out.finish(stats)
+
+
+def _settled_eos(tokens: list[int], committed: list[bool], eos_ids: tuple[int, ...]) -> int | None:
+    """Index of the first EOS when every position before it is committed, else None."""
+    for index, (token, is_committed) in enumerate(zip(tokens, committed, strict=True)):
+        if not is_committed:
+            return None
+        if token in eos_ids:
+            return index
+    return None
+
+
+def _close_rows_at_eos(block: torch.Tensor, committed: torch.Tensor, out: Output) -> None:
+    """Emit and freeze the rows whose block already holds a settled EOS."""
+    block_rows, committed_rows = block.tolist(), committed.tolist()
+    for row in range(block.shape[0]):
+        if out.done[row]:
+            committed[row] = True
+            continue
+        eos_index = _settled_eos(block_rows[row], committed_rows[row], out.settings.eos_ids)
+        if eos_index is not None:
+            out.emit(row, block_rows[row][: eos_index + 1])
+            committed[row] = True
+
+
+def _denoise_step(logits: torch.Tensor, block: torch.Tensor, committed: torch.Tensor,
+                  settings: DecodeSettings) -> None:
+    """Commit, per row, the most confident masked position and every masked one >= threshold."""
+    tokens, confidence = choose_tokens(logits, settings.temperature)
+    confidence = confidence.masked_fill(committed, -1.0)
+    pick = (confidence >= settings.threshold) & ~committed
+    open_rows = (~committed).any(1)
+    best = confidence.argmax(1)
+    pick[open_rows, best[open_rows]] = True
+    block[pick] = tokens[pick]
+    committed |= pick
+
+
+def diffusion_decode(model, input_ids, attention_mask, settings: DecodeSettings
+                     ) -> tuple[torch.Tensor, DecodeStats]:
+    """Block diffusion with a causal prefix cache (DESIGN 3). Rows move through blocks in lockstep.
+
+    NFE = 1 (prefill) + one pass per denoising step of each block that has masked positions + one
+    causal pass per finished block that is followed by another block (the last block's is skipped)."""
+    batch = input_ids.shape[0]
+    state = KVState(model, batch, settings.use_prefix_cache)
+    out = Output(batch, settings, input_ids.device)
+    stats = DecodeStats("diffusion", nfe=1)
+    seed, _ = choose_tokens(_prefill(state, input_ids, attention_mask), settings.temperature)
+    generated = 0
+    while not out.all_done:
+        stats.cycles += 1
+        length = min(settings.block_length, settings.max_new_tokens - generated)
+        block = torch.full((batch, length), settings.mask_id, dtype=torch.long, device=input_ids.device)
+        block[:, 0] = seed
+        committed = torch.zeros_like(block, dtype=torch.bool)
+        committed[:, 0] = True
+        _close_rows_at_eos(block, committed, out)
+        while not bool(committed.all()):
+            logits = state.forward(block, bidirectional=True, keep=False)
+            stats.nfe += 1
+            _denoise_step(logits, block, committed, settings)
+            _close_rows_at_eos(block, committed, out)
+        out.emit_batch(block)
+        generated += length
+        if out.all_done:
+            break
+        logits = state.forward(block, logits_to_keep=1)[:, -1]
+        stats.nfe += 1
+        seed, _ = choose_tokens(logits, settings.temperature)
+    return out.sequences(input_ids), out.finish(stats)
+
+
+def linear_spec_decode(model, input_ids, attention_mask, settings: DecodeSettings
+                       ) -> tuple[torch.Tensor, DecodeStats]:
+    """Self-speculation: a bidirectional draft pass over [seed, MASK...] and a causal verify pass.
+
+    Row b accepts c_b leading draft tokens that match the verifier plus the verifier's next token;
+    the K/V of its rejected draft positions become holes. Every emitted token is the verifier's own
+    choice given the accepted prefix, so the output is AR's (exactly AR's at temperature 0).
+    NFE = 1 (prefill) + per cycle: a draft pass (skipped when the draft has no mask, i.e. length 1)
+    and a verify pass."""
+    batch = input_ids.shape[0]
+    state = KVState(model, batch, settings.use_prefix_cache)
+    out = Output(batch, settings, input_ids.device)
+    stats = DecodeStats("self_spec", nfe=1)
+    seed, _ = choose_tokens(_prefill(state, input_ids, attention_mask), settings.temperature)
+    out.emit_batch(seed[:, None])
+    while not out.all_done:
+        stats.cycles += 1
+        length = min(settings.block_length, out.remaining())
+        draft = torch.full((batch, length), settings.mask_id, dtype=torch.long, device=input_ids.device)
+        draft[:, 0] = seed
+        if length > 1:
+            logits = state.forward(draft, bidirectional=True, keep=False)
+            stats.nfe += 1
+            draft[:, 1:] = logits[:, 1:].argmax(-1)
+        verified, _ = choose_tokens(state.forward(draft), settings.temperature)
+        stats.nfe += 1
+        matches = (verified[:, :-1] == draft[:, 1:]).long().cumprod(1).sum(1)
+        out.emit_batch(verified, (matches + 1).tolist())
+        state.reject_tail(matches + 1, length)
+        seed = verified.gather(1, matches[:, None])[:, 0]
+    return out.sequences(input_ids), out.finish(stats)

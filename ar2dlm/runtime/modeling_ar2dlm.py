@@ -1,0 +1,174 @@
+"""ar2dlm tri-mode runtime: HF remote code copied into every exported checkpoint (torch + transformers only).
+
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` returns the source family's
+causal LM (same tensor names, same ``forward`` and logits) with three decoding modes added:
+
+- ``ar_generate``: autoregressive decoding with a KV cache;
+- ``generate``: block diffusion with a causal prefix cache (this shadows HF's
+  ``GenerationMixin.generate``, as the published runtime does; HF's stays reachable as ``hf_generate``);
+- ``linear_spec_generate``: self-speculation (bidirectional draft, causal verify), lossless.
+
+Each takes a left-padded ``input_ids`` [B, S] (``attention_mask`` 1 = real token) and returns
+``(sequences, nfe)``: the prompt followed by exactly ``max_new_tokens`` slots (padded after EOS) and
+the number of model forward passes; ``model.last_decode_stats`` keeps the details of the last call
+(passes, cycles, new tokens per row). An empty ``eos_token_id`` list decodes all ``max_new_tokens``.
+
+NFE: AR = max_new_tokens (the prefill gives the first token). Diffusion = 1 prefill + one pass per
+denoising step of each block + one causal pass per finished block that another block follows.
+Self-speculation = 1 prefill + 2 per cycle (draft, verify); a cycle that drafts one position has no
+mask to fill and runs the verify pass only (so block_length 1 is exactly AR, NFE included).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    GenerationMixin,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
+
+from .decoding_ar2dlm import DecodeSettings, DecodeStats, ar_decode, diffusion_decode, linear_spec_decode
+
+DEFAULT_THRESHOLD = 0.9
+
+
+class TriModeMixin:
+    """AR, diffusion and self-speculative decoding on top of a family's causal LM."""
+
+    hf_generate = GenerationMixin.generate  # HF's own generate, shadowed by the diffusion `generate`
+    _use_prefix_cache: bool = True  # False recomputes the whole prefix every forward (reference path)
+    last_decode_stats: DecodeStats | None = None
+
+    @torch.no_grad()
+    def ar_generate(self, input_ids, max_new_tokens, temperature=0.0, eos_token_id=None, attention_mask=None):
+        """Autoregressive decoding: prefill (gives the first token), then one token per forward."""
+        input_ids, attention_mask, settings = self._prepare(
+            input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=False)
+        return self._run(ar_decode, input_ids, attention_mask, settings)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, block_length=None, threshold=None, temperature=0.0,
+                 eos_token_id=None, attention_mask=None):
+        """Block-diffusion decoding (DESIGN 3). Defaults: ``config.block_size`` and
+        ``config.diffusion_threshold`` (0.9). HF's ``GenerationMixin.generate`` is ``hf_generate``."""
+        block_length = self._default_block_length(block_length)
+        if threshold is None:
+            threshold = getattr(self.config, "diffusion_threshold", DEFAULT_THRESHOLD)
+        _check_block_length(block_length)
+        if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+        input_ids, attention_mask, settings = self._prepare(
+            input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=True,
+            block_length=block_length, threshold=float(threshold))
+        return self._run(diffusion_decode, input_ids, attention_mask, settings)
+
+    @torch.no_grad()
+    def linear_spec_generate(self, input_ids, max_new_tokens, block_length=None, temperature=0.0,
+                             eos_token_id=None, attention_mask=None):
+        """Self-speculation: draft a block in one bidirectional pass, verify it in one causal pass."""
+        block_length = self._default_block_length(block_length)
+        _check_block_length(block_length)
+        input_ids, attention_mask, settings = self._prepare(
+            input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=True,
+            block_length=block_length)
+        return self._run(linear_spec_decode, input_ids, attention_mask, settings)
+
+    def _run(self, decode, input_ids, attention_mask, settings) -> tuple[torch.Tensor, int]:
+        sequences, stats = decode(self, input_ids, attention_mask, settings)
+        self.last_decode_stats = stats
+        return sequences, stats.nfe
+
+    def _prepare(self, input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, *,
+                 needs_mask: bool, **extra) -> tuple[torch.Tensor, torch.Tensor, DecodeSettings]:
+        """Check the arguments (ValueError) and resolve the defaults from the config."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError("input_ids must be a non-empty 2D tensor [batch, prompt_length]")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        input_ids = input_ids.to(self.device)
+        attention_mask = _check_attention_mask(input_ids, attention_mask)
+        context = getattr(self.config, "max_position_embeddings", None)
+        longest = int(attention_mask.sum(1).max())
+        if context is not None and longest + max_new_tokens > context:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"context window ({context})")
+        mask_id = getattr(self.config, "mask_token_id", None)
+        if needs_mask and mask_id is None:
+            raise ValueError("config.mask_token_id is not set: this checkpoint was not exported by ar2dlm")
+        eos_ids = self._eos_ids(eos_token_id)
+        pad_id = self.config.pad_token_id
+        if pad_id is None:
+            pad_id = eos_ids[0] if eos_ids else 0
+        settings = DecodeSettings(max_new_tokens=max_new_tokens, temperature=float(temperature),
+                                  eos_ids=eos_ids, pad_id=pad_id, mask_id=mask_id,
+                                  use_prefix_cache=self._use_prefix_cache, **extra)
+        return input_ids, attention_mask, settings
+
+    def _default_block_length(self, block_length):
+        if block_length is not None:
+            return block_length
+        if getattr(self.config, "block_size", None) is None:
+            raise ValueError("block_length not given and config.block_size is not set")
+        return self.config.block_size
+
+    def _eos_ids(self, eos_token_id) -> tuple[int, ...]:
+        """EOS ids to stop at: the argument, else the generation config's, else the model config's."""
+        if eos_token_id is None:
+            eos_token_id = getattr(getattr(self, "generation_config", None), "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
+        if eos_token_id is None:
+            return ()
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+        return tuple(ids)
+
+
+def _check_block_length(block_length) -> None:
+    if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
+        raise ValueError(f"block_length must be an integer >= 1, got {block_length!r}")
+
+
+def _check_attention_mask(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
+    """A [B, S] 0/1 mask with left padding only and at least one real token per row."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(input_ids.device).long()
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()) or not bool(attention_mask[:, -1].all()):
+        raise ValueError("attention_mask must be left-padded (padding first, then the real tokens)")
+    return attention_mask
+
+
+class Ar2dlmLlamaForCausalLM(TriModeMixin, LlamaForCausalLM):
+    """Llama with AR, diffusion and self-speculative decoding."""
+
+
+class Ar2dlmQwen2ForCausalLM(TriModeMixin, Qwen2ForCausalLM):
+    """Qwen2 with AR, diffusion and self-speculative decoding."""
+
+
+class Ar2dlmQwen3ForCausalLM(TriModeMixin, Qwen3ForCausalLM):
+    """Qwen3 with AR, diffusion and self-speculative decoding."""
+
+
+class Ar2dlmMistralForCausalLM(TriModeMixin, MistralForCausalLM):
+    """Mistral with AR, diffusion and self-speculative decoding."""
+
+
+RUNTIME_CLASSES = {
+    "LlamaForCausalLM": Ar2dlmLlamaForCausalLM,
+    "Qwen2ForCausalLM": Ar2dlmQwen2ForCausalLM,
+    "Qwen3ForCausalLM": Ar2dlmQwen3ForCausalLM,
+    "MistralForCausalLM": Ar2dlmMistralForCausalLM,
+}
