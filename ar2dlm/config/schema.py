@@ -31,6 +31,8 @@ class DataSourceConfig:
     messages_field: str = "messages"
     split: str = "train"
     streaming: bool = False
+    sample_by: str = "line"  # text files: line (a document per line) | document (a document per file)
+    max_documents: int | None = None  # read at most this many documents (e.g. of a streamed hub dataset)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class DataConfig:
     validation_fraction: float = 0.0
     strict: bool = False
     num_workers: int = 0
+    eval_path: str | None = None  # a held-out evaluation source (kind auto, fields of sources[0])
 
 
 @dataclass
@@ -147,13 +150,32 @@ class GenerateStage:
 class EvalStage:
     model: str = "???"
     output: str = "???"
-    tasks: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=lambda: ["demo"])  # demo | demo:N | jsonl:PATH (see ar2dlm.eval.tasks)
     modes: list[str] = field(default_factory=lambda: ["ar", "diffusion", "self_spec"])
     thresholds: list[float] = field(default_factory=lambda: [0.9])
     block_length: int = 32
+    block_lengths: list[int] = field(default_factory=list)  # a block-length sweep; empty: [block_length]
     max_new_tokens: int = 64
     batch_size: int = 8
-    limit: int | None = None
+    limit: int | None = None  # at most this many examples per task
+    seed: int = 1234  # demo task split and ELBO noise
+    perplexity: bool = True  # AR perplexity and diffusion ELBO of held-out texts
+    perplexity_texts: str | None = None  # jsonl:PATH | text:PATH; null: the examples' prompt + answer
+    elbo_draws: int = 4  # noise draws of the diffusion ELBO (0: skip it)
+    device: str = "auto"
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class DataPrepareStage:
+    """`ar2dlm data prepare`: tokenise a source into a Megatron indexed dataset (.bin/.idx)."""
+
+    source: DataSourceConfig = field(default_factory=DataSourceConfig)
+    tokenizer: str = "???"
+    output: str = "???"
+    overwrite: bool = False
+    strict: bool = False
+    batch_size: int = 1000
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -190,6 +212,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "generate": GenerateStage,
     "eval": EvalStage,
     "run": RunStage,
+    "data_prepare": DataPrepareStage,
 }
 
 STAGE_SUMMARIES: dict[str, str] = {
@@ -199,4 +222,5 @@ STAGE_SUMMARIES: dict[str, str] = {
     "generate": "decode a prompt in AR, diffusion or self-speculation mode",
     "eval": "quality and speed of every decoding mode",
     "run": "the whole chain: source model, convert, train, export, eval",
+    "data_prepare": "tokenise a text source into a Megatron indexed dataset (.bin/.idx)",
 }

@@ -88,6 +88,8 @@ def _training_rules(cfg: DictConfig) -> Iterator[str]:
             yield f"data.sources[{index}].weight={source.weight} must be >= 0"
     if cfg.data.sources and sum(source.weight for source in cfg.data.sources) <= 0:
         yield "data.sources weights must sum to a positive number"
+    if diffusion.clean_pattern == "bidirectional" and train.objective != "diffusion":
+        yield "diffusion.clean_pattern=bidirectional is the single-stream baseline: it needs train.objective=diffusion"
 
 
 def _layout_rules(train: DictConfig, parallel: DictConfig) -> Iterator[str]:
@@ -145,7 +147,13 @@ def _run_rules(cfg: DictConfig) -> Iterator[str]:
     yield from _convert_rules(cfg)
 
 
+def _data_prepare_rules(cfg: DictConfig) -> Iterator[str]:
+    yield from _at_least(cfg, "batch_size", 1)
+    yield from _at_least(cfg, "source.max_documents", 1)
+
+
 _STAGE_RULES: dict[str, Callable[[DictConfig], Iterator[str]]] = {
+    "data_prepare": _data_prepare_rules,
     "convert": _convert_rules,
     "train": _training_rules,
     "export": lambda cfg: iter(()),

@@ -81,7 +81,7 @@ class Trainer:
                                                         block_size=cfg.diffusion.block_size, seed=cfg.seed)
         self.loader = TrainDataLoader(train_set, global_batch_size=cfg.train.global_batch_size,
                                       micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
-                                      dp_size=dp_size, seed=cfg.seed)
+                                      dp_size=dp_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
         self.optimizer = build_optimizer(self.model, cfg.optim, use_megatron=cuda_available(),
                                          bf16=cfg.train.precision == "bf16",
                                          distributed=cfg.parallel.distributed_optimizer)

@@ -12,6 +12,7 @@ REQUIRED = {
     "generate": ["model=a", "prompt=hi"],
     "eval": ["model=a", "output=b"],
     "run": ["output=b"],
+    "data_prepare": ["source.path=a", "tokenizer=b", "output=c"],
 }
 
 

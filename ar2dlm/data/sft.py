@@ -1,0 +1,97 @@
+"""SFT records: chats formatted with the tokenizer's chat template, with loss on the assistant responses only.
+
+A conversation is rendered once with ``tokenizer.apply_chat_template``. The characters of assistant turn i are
+those that ``render(messages[:i+1])`` adds to ``render(messages[:i], add_generation_prompt=True)``; the
+tokens that overlap them get loss_mask 1, every other token (system, user, template headers) 0. Each response
+is then followed by EOS tokens (loss_mask 1) so that its length is a whole number of diffusion blocks: a
+response of n tokens gets ``(-n) % block_size`` EOS, as the published diffusion SFT recipes do, so the model
+learns to fill the rest of its last block with EOS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ar2dlm.data.sources import Record
+from ar2dlm.data.tokenize import TOKEN_DTYPE, EncodedBatch, eos_id
+from ar2dlm.errors import UserError
+
+# Used only when the tokenizer has no chat template of its own. Renders
+#   <|system|>\n{content}\n<|user|>\n{content}\n<|assistant|>\n{content}{eos} ...
+# (an assistant turn ends with EOS, any other with a newline) and, with add_generation_prompt, ends with
+# "<|assistant|>\n", so that a prompt is a prefix of the whole chat.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def chat_template(tokenizer) -> str | None:
+    """None to use the tokenizer's own template, else the default one."""
+    return None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+
+
+def render_conversation(tokenizer, messages: list[dict], where: str,
+                        template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans ``[start, end)`` of its assistant responses."""
+
+    def render(part: list[dict], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(part, tokenize=False, chat_template=template,
+                                                 add_generation_prompt=generation_prompt)
+        except Exception as error:  # jinja2 TemplateError, or a template's raise_exception(...)
+            raise UserError(f"{where}: the chat template failed: {error}".splitlines()[0]) from None
+
+    text = render(messages, False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, upto = render(messages[:index], True), render(messages[:index + 1], False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise UserError(f"{where}: the chat template does not render this conversation's prefixes as "
+                            "prefixes of it, so its assistant turns cannot be found")
+        spans.append((len(prompt), len(upto)))
+    if not spans:
+        raise UserError(f"{where}: the conversation has no assistant message (nothing to train on)")
+    return text, spans
+
+
+def encode_conversations(tokenizer, records: list[Record], block_size: int) -> EncodedBatch:
+    """Tokenise a batch of chats in one call; loss mask on the responses and on their block-rounding EOS."""
+    if not tokenizer.is_fast:
+        raise UserError("SFT needs a fast (Rust) tokenizer: it maps responses to tokens by character offsets")
+    template = chat_template(tokenizer)
+    rendered = [render_conversation(tokenizer, r.value, r.where, template) for r in records]
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True,
+                        return_attention_mask=False, verbose=False)
+    eos = eos_id(tokenizer)
+    tokens, masks = [], []
+    for ids, offsets, (_, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered,
+                                        strict=True):
+        ids, mask = _mask_and_round(np.asarray(ids, dtype=TOKEN_DTYPE), np.asarray(offsets).reshape(-1, 2),
+                                    spans, block_size, eos)
+        tokens.append(ids)
+        masks.append(mask)
+    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+    return EncodedBatch(np.concatenate(tokens), lengths, np.concatenate(masks))
+
+
+def _mask_and_round(ids: np.ndarray, offsets: np.ndarray, spans: list[tuple[int, int]], block_size: int,
+                    eos: int) -> tuple[np.ndarray, np.ndarray]:
+    pieces, masks, cursor = [], [], 0
+    for start, end in spans:
+        inside = np.flatnonzero((offsets[:, 0] < end) & (offsets[:, 1] > start))
+        if not len(inside):
+            continue
+        first, last = int(inside[0]), int(inside[-1]) + 1
+        padding = (-(last - first)) % block_size
+        pieces += [ids[cursor:first], ids[first:last], np.full(padding, eos, dtype=ids.dtype)]
+        masks += [np.zeros(first - cursor, bool), np.ones(last - first + padding, bool)]
+        cursor = last
+    pieces.append(ids[cursor:])
+    masks.append(np.zeros(len(ids) - cursor, bool))
+    return np.concatenate(pieces), np.concatenate(masks)

@@ -1,0 +1,141 @@
+"""Decoding metrics as pure functions of per-example results (no model here).
+
+Definitions (every one is independent of the evaluation batch size):
+
+- **generated tokens** of an example: the new tokens up to and including the first EOS (or all
+  ``max_new_tokens`` when there is none): ``last_decode_stats.new_tokens`` of its row.
+- **NFE of an example**: the model forward passes needed to decode that example *alone* (batch 1),
+  prefill included: what the runtime returns at batch size 1. A batched call reports one NFE for the
+  whole batch (the slowest row's), so it is not used as is; see :func:`alone_costs`.
+- **tokens per forward (TPF)**: sum of generated tokens / sum of per-example NFE over the examples
+  (AR is exactly 1).
+- **acceptance length** (self-speculation): tokens committed per verify cycle = accepted draft tokens
+  + the verifier's own next token, counting only tokens up to EOS / ``max_new_tokens``. An example
+  decoded alone gets 1 token from the prefill and the rest from its cycles, so its committed tokens are
+  ``new_tokens - 1`` over ``cycles`` verify cycles; the mean is sum(new_tokens - 1) / sum(cycles).
+- **accuracy**: exact match of the answer (generated text up to the first newline, whitespace
+  stripped) with the reference answer (stripped).
+- **tokens/s**: generated tokens / wall seconds of the batched decoding calls (this one does depend on
+  the batch size and the machine: it is throughput).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ExampleResult:
+    """One example decoded in one setting."""
+
+    task: str
+    prompt: str
+    answer: str
+    prediction: str
+    correct: bool
+    new_tokens: int
+    nfe: int
+    cycles: int
+
+
+@dataclass
+class ModeResult:
+    """Aggregate metrics of one decoding setting (mode, block length, threshold)."""
+
+    mode: str
+    block_length: int | None
+    threshold: float | None
+    examples: int
+    accuracy: float
+    task_accuracy: dict[str, float]
+    new_tokens: int
+    nfe: int
+    nfe_per_example: float
+    tokens_per_forward: float
+    acceptance_length: float | None
+    seconds: float
+    tokens_per_second: float
+    batch_forwards: int  # forward passes the batched calls ran (depends on the batch size)
+    batch_mismatches: int = 0  # examples whose batched output differs from the output decoded alone
+    rows: list[ExampleResult] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Everything but the per-example rows (JSON-ready)."""
+        data = asdict(self)
+        data.pop("rows")
+        return data
+
+
+def answer_from_text(text: str) -> str:
+    """The answer in a generated text: up to the first newline, whitespace stripped."""
+    return text.split("\n", 1)[0].strip()
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    return prediction.strip() == answer.strip()
+
+
+def tokens_per_forward(tokens: int, nfe: int) -> float:
+    """Generated tokens per model forward pass (0 when nothing ran)."""
+    return tokens / nfe if nfe > 0 else 0.0
+
+
+def acceptance_length(new_tokens: Sequence[int], cycles: Sequence[int]) -> float | None:
+    """Mean tokens committed per self-speculation verify cycle over examples decoded alone:
+    sum(new_tokens - 1) / sum(cycles) (the prefill gives the first token); None without cycles."""
+    total_cycles = sum(cycles)
+    if total_cycles == 0:
+        return None
+    return sum(max(n - 1, 0) for n in new_tokens) / total_cycles
+
+
+def alone_costs(stats, mode: str) -> list[tuple[int, int]] | None:
+    """Per-row (NFE, cycles) of decoding each row alone, from a call's ``last_decode_stats``, or None
+    when the stats cannot give them (then decode the rows one at a time).
+
+    - a batch of one row: the call's own ``nfe`` and ``cycles``;
+    - stats with per-row ``row_nfe`` and ``row_cycles`` (alone-equivalent counts), when a runtime has them;
+    - AR: exact for any batch, as a row alone needs one forward per generated token (the prefill gives
+      the first token) and one cycle per token after the first.
+    Diffusion and self-speculation batches share their passes (rows move through blocks in lockstep; a
+    self-speculation draft is as long as the longest open row needs), so their rows' own counts are not
+    in the stats of this runtime."""
+    new_tokens = list(stats.new_tokens)
+    if len(new_tokens) == 1:
+        return [(int(stats.nfe), int(stats.cycles))]
+    row_nfe, row_cycles = getattr(stats, "row_nfe", None), getattr(stats, "row_cycles", None)
+    if row_nfe is not None and row_cycles is not None:
+        return [(int(n), int(c)) for n, c in zip(row_nfe, row_cycles, strict=True)]
+    if mode == "ar":
+        return [(n, max(n - 1, 0)) for n in new_tokens]
+    return None
+
+
+def task_accuracy(rows: Sequence[ExampleResult]) -> dict[str, float]:
+    """Accuracy per task name, tasks in order of first appearance."""
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    for row in rows:
+        by_task[row.task].append(row.correct)
+    return {task: sum(hits) / len(hits) for task, hits in by_task.items()}
+
+
+def summarize(mode: str, block_length: int | None, threshold: float | None, rows: list[ExampleResult],
+              seconds: float, batch_forwards: int, batch_mismatches: int = 0) -> ModeResult:
+    """Aggregate the per-example results of one setting."""
+    count = len(rows)
+    tokens = sum(row.new_tokens for row in rows)
+    nfe = sum(row.nfe for row in rows)
+    acceptance = None
+    if mode == "self_spec":
+        acceptance = acceptance_length([r.new_tokens for r in rows], [r.cycles for r in rows])
+    return ModeResult(
+        mode=mode, block_length=block_length, threshold=threshold, examples=count,
+        accuracy=sum(row.correct for row in rows) / count if count else 0.0,
+        task_accuracy=task_accuracy(rows), new_tokens=tokens, nfe=nfe,
+        nfe_per_example=nfe / count if count else 0.0, tokens_per_forward=tokens_per_forward(tokens, nfe),
+        acceptance_length=acceptance, seconds=seconds,
+        tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        batch_forwards=batch_forwards, batch_mismatches=batch_mismatches, rows=rows,
+    )

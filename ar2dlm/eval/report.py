@@ -1,0 +1,140 @@
+"""Evaluation reports: ``report.json``, ``report.md`` (settings + table), ``predictions.jsonl`` and a PNG
+plot of accuracy against tokens per forward across the sweep."""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+TABLE_COLUMNS = ("mode", "block", "threshold", "accuracy", "tokens/forward", "acceptance", "tokens/s", "NFE")
+MODE_MARKERS = {"ar": "s", "diffusion": "o", "self_spec": "^"}
+
+
+def machine_info(device: torch.device | str | None = None) -> dict:
+    """Where the numbers were measured."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads()}
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    info["device"] = str(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    return info
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _cell(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_row(result: dict) -> list[str]:
+    return [result["mode"], _cell(result["block_length"]), _cell(result["threshold"]),
+            _cell(result["accuracy"], 3), _cell(result["tokens_per_forward"]),
+            _cell(result["acceptance_length"]), _cell(result["tokens_per_second"], 1),
+            _cell(result["nfe_per_example"], 1)]
+
+
+def markdown_table(results: list[dict]) -> str:
+    """The sweep as a markdown table (NFE: mean per example, decoded alone)."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(table_row(result)) + " |" for result in results]
+    return "\n".join(lines)
+
+
+def _likelihood_lines(report: dict) -> list[str]:
+    lines = []
+    if report.get("perplexity"):
+        ppl = report["perplexity"]
+        lines.append(f"- AR perplexity: {ppl['perplexity']:.3f} ({ppl['tokens']} tokens, {ppl['texts']} texts)")
+    if report.get("elbo"):
+        elbo = report["elbo"]
+        lines.append(f"- diffusion loss: {elbo['loss']:.4f}; negative ELBO: {elbo['nelbo_per_token']:.4f} "
+                     f"nats/token (perplexity bound {elbo['perplexity_bound']:.3f}; {elbo['draws']} draws, "
+                     f"block {elbo['block_size']})")
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    """Settings next to the numbers, then the likelihoods and the table."""
+    settings = report["settings"]
+    lines = ["# ar2dlm evaluation", ""]
+    lines += [f"- {key}: {value}" for key, value in settings.items() if key != "machine"]
+    machine = settings.get("machine", {})
+    lines.append("- machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()))
+    lines += [""] + _likelihood_lines(report)
+    lines += ["", markdown_table(report["results"]), ""]
+    lines += ["NFE: forward passes per example decoded alone; tokens/forward = generated tokens (EOS included)"
+              " / NFE; acceptance: tokens committed per self-speculation verify cycle; tokens/s: batched"
+              " wall-clock throughput.", ""]
+    if report.get("plot"):
+        lines += [f"![accuracy vs tokens per forward]({report['plot']})", ""]
+    return "\n".join(lines)
+
+
+def plot_tradeoff(results: list[dict], path: Path, title: str = "") -> Path:
+    """Accuracy against tokens per forward: a line per (diffusion, block length) across thresholds,
+    a point for AR and for each self-speculation block length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    groups: dict[tuple, list[dict]] = {}
+    for result in results:
+        groups.setdefault((result["mode"], result["block_length"]), []).append(result)
+    for (mode, block), items in groups.items():
+        items = sorted(items, key=lambda r: r["tokens_per_forward"])
+        label = mode if block is None else f"{mode} B={block}"
+        xs, ys = [r["tokens_per_forward"] for r in items], [r["accuracy"] for r in items]
+        axes.plot(xs, ys, marker=MODE_MARKERS.get(mode, "o"), label=label)
+        for r in items:
+            if r["threshold"] is not None:
+                axes.annotate(f"{r['threshold']:g}", (r["tokens_per_forward"], r["accuracy"]), fontsize=7,
+                              textcoords="offset points", xytext=(3, 3))
+    axes.set_xlabel("tokens per forward")
+    axes.set_ylabel("accuracy (exact match)")
+    axes.set_title(title or "accuracy vs tokens per forward", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def write_report(report: dict, output: Path, rows: list[dict] | None = None) -> dict[str, Path]:
+    """Write report.json, report.md, accuracy_vs_tpf.png and (given per-example ``rows``)
+    predictions.jsonl into ``output``; returns their paths."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"plot": plot_tradeoff(report["results"], output / "accuracy_vs_tpf.png",
+                                   title=str(report["settings"].get("model", "")))}
+    report = {**report, "plot": paths["plot"].name}
+    paths["json"] = output / "report.json"
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["markdown"] = output / "report.md"
+    paths["markdown"].write_text(render_markdown(report))
+    if rows is not None:
+        paths["predictions"] = output / "predictions.jsonl"
+        with paths["predictions"].open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    return paths

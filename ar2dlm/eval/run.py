@@ -1,0 +1,174 @@
+"""`ar2dlm eval model=HF_DIR output=DIR tasks=[demo] modes=[ar,diffusion,self_spec] thresholds=[...]`.
+
+Quality and speed of every decoding mode of an exported model: exact-match accuracy, NFE, tokens per
+forward, self-speculation acceptance length and tokens/s for each setting of a sweep (AR once; diffusion
+per block length and threshold; self-speculation per block length), plus the AR perplexity and the
+diffusion negative ELBO of held-out texts. Writes report.json, report.md, predictions.jsonl and
+accuracy_vs_tpf.png into ``output`` and prints the table last. Metric definitions: :mod:`ar2dlm.eval.metrics`.
+
+In-process use (e.g. by the demo pipeline, with a model already loaded)::
+
+    report = evaluate_model(model, tokenizer, examples, EvalSettings(batch_size=4))
+    write_report(report, output_dir, rows=report.pop("rows"))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ar2dlm import __version__
+from ar2dlm.errors import UserError
+from ar2dlm.eval.elbo import diffusion_elbo
+from ar2dlm.eval.generation import DecodeConfig, encode_prompts, evaluate_setting
+from ar2dlm.eval.likelihood import encode_texts, perplexity
+from ar2dlm.eval.metrics import ModeResult
+from ar2dlm.eval.report import machine_info, markdown_table, now, write_report
+from ar2dlm.eval.tasks import load_tasks, load_texts
+from ar2dlm.log import logger
+
+MODES = ("ar", "diffusion", "self_spec")
+
+
+@dataclass
+class EvalSettings:
+    """What :func:`evaluate_model` measures."""
+
+    modes: tuple[str, ...] = MODES
+    thresholds: tuple[float, ...] = (0.9,)
+    block_lengths: tuple[int, ...] = (32,)
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    seed: int = 1234
+    perplexity: bool = True
+    elbo_draws: int = 4
+    warmup: bool = True  # one short untimed decoding call before each setting
+    extra: dict = field(default_factory=dict)  # recorded in the report's settings as given
+
+    def check(self) -> None:
+        """UserError for values no sweep can run with."""
+        unknown = [mode for mode in self.modes if mode not in MODES]
+        if unknown or not self.modes:
+            raise UserError(f"modes must be a non-empty subset of {', '.join(MODES)}, got {list(self.modes)}")
+        if any(not 0.0 <= t <= 1.0 for t in self.thresholds) or ("diffusion" in self.modes and not self.thresholds):
+            raise UserError(f"thresholds must be in [0, 1] (at least one for diffusion), got {list(self.thresholds)}")
+        if not self.block_lengths or any(b < 1 for b in self.block_lengths):
+            raise UserError(f"block lengths must be >= 1, got {list(self.block_lengths)}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.elbo_draws < 0:
+            raise UserError(f"elbo_draws={self.elbo_draws} must be >= 0")
+
+
+def sweep_configs(settings: EvalSettings) -> list[DecodeConfig]:
+    """The settings of the sweep: AR once, then per block length diffusion at each threshold and
+    self-speculation."""
+    configs = []
+    if "ar" in settings.modes:
+        configs.append(DecodeConfig("ar", settings.max_new_tokens))
+    for block in settings.block_lengths:
+        if "diffusion" in settings.modes:
+            configs += [DecodeConfig("diffusion", settings.max_new_tokens, block, float(t))
+                        for t in settings.thresholds]
+        if "self_spec" in settings.modes:
+            configs.append(DecodeConfig("self_spec", settings.max_new_tokens, block))
+    return configs
+
+
+def sweep(model, tokenizer, examples: Sequence, settings: EvalSettings) -> list[ModeResult]:
+    """Decode every example in every setting of the sweep; one :class:`ModeResult` per setting."""
+    settings.check()
+    if not examples:
+        raise UserError("no evaluation examples")
+    context = getattr(model.config, "max_position_embeddings", None)
+    encoded = encode_prompts(tokenizer, [e.prompt for e in examples], context, settings.max_new_tokens)
+    results = []
+    for config in sweep_configs(settings):
+        result = evaluate_setting(model, tokenizer, examples, encoded, config, settings.batch_size,
+                                  warmup=settings.warmup)
+        logger.info("%s block=%s threshold=%s: accuracy %.3f, tokens/forward %.2f, %.1f tokens/s",
+                    config.mode, config.block_length, config.threshold, result.accuracy,
+                    result.tokens_per_forward, result.tokens_per_second)
+        results.append(result)
+    return results
+
+
+def likelihoods(model, tokenizer, texts: Sequence[str], settings: EvalSettings) -> dict:
+    """AR perplexity and (with ``elbo_draws`` > 0 and a mask token) the diffusion ELBO of ``texts``."""
+    tokens = encode_texts(tokenizer, texts)
+    out = {"perplexity": perplexity(model, tokens, settings.batch_size), "elbo": None}
+    if settings.elbo_draws > 0:
+        out["elbo"] = diffusion_elbo(model, tokens, draws=settings.elbo_draws, seed=settings.seed,
+                                     batch_size=settings.batch_size)
+    return out
+
+
+def evaluate_model(model, tokenizer, examples: Sequence, settings: EvalSettings,
+                   texts: Sequence[str] | None = None) -> dict:
+    """The whole evaluation of a loaded tri-mode model, as a JSON-ready dict: ``settings``,
+    ``results`` (one summary per setting), ``perplexity``, ``elbo`` and ``rows`` (per-example outputs).
+    ``texts``: held-out texts for the likelihoods (default: each example's prompt + answer)."""
+    start = time.perf_counter()
+    results = sweep(model, tokenizer, examples, settings)
+    report = {"settings": report_settings(model, examples, settings), "results": [r.summary() for r in results],
+              "perplexity": None, "elbo": None}
+    if settings.perplexity:
+        report.update(likelihoods(model, tokenizer, texts or [e.prompt + e.answer for e in examples], settings))
+    report["rows"] = [{"mode": r.mode, "block_length": r.block_length, "threshold": r.threshold, **asdict(row)}
+                      for r in results for row in r.rows]
+    report["settings"]["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def report_settings(model, examples: Sequence, settings: EvalSettings) -> dict:
+    tasks: dict[str, int] = {}
+    for example in examples:
+        tasks[example.task] = tasks.get(example.task, 0) + 1
+    return {
+        "model": str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")),
+        **settings.extra, "examples": len(examples), "task_examples": tasks, "modes": list(settings.modes),
+        "block_lengths": list(settings.block_lengths), "thresholds": list(settings.thresholds),
+        "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, "seed": settings.seed,
+        "temperature": 0.0, "elbo_draws": settings.elbo_draws if settings.perplexity else 0,
+        "dtype": str(model.dtype).replace("torch.", ""), "ar2dlm": __version__, "date": now(),
+        "machine": machine_info(model.device),
+    }
+
+
+def settings_from_config(cfg: DictConfig) -> EvalSettings:
+    """:class:`EvalSettings` from an ``EvalStage``-shaped config."""
+    block_lengths = tuple(cfg.get("block_lengths") or [cfg.block_length])
+    settings = EvalSettings(
+        modes=tuple(cfg.modes), thresholds=tuple(float(t) for t in cfg.thresholds),
+        block_lengths=tuple(int(b) for b in block_lengths), max_new_tokens=int(cfg.max_new_tokens),
+        batch_size=int(cfg.batch_size), seed=int(cfg.get("seed", 1234)), perplexity=bool(cfg.get("perplexity", True)),
+        elbo_draws=int(cfg.get("elbo_draws", 4)),
+        extra={"model": str(cfg.model), "tasks": list(cfg.tasks), "limit": cfg.limit},
+    )
+    settings.check()
+    return settings
+
+
+def run_eval(cfg: DictConfig) -> int:
+    """Entry point of `ar2dlm eval`."""
+    from ar2dlm.runtime.generate_cli import check_export, load_export, resolve_device
+
+    settings = settings_from_config(cfg)
+    examples = load_tasks(list(cfg.tasks), seed=settings.seed, limit=cfg.limit)
+    texts = load_texts(cfg.perplexity_texts) if cfg.get("perplexity_texts") else None
+    model_dir = Path(cfg.model).expanduser()
+    check_export(model_dir)
+    device = resolve_device(cfg.get("device", "auto"))
+    logger.info("evaluating %s on %s: %d examples", model_dir, device, len(examples))
+    tokenizer, model = load_export(model_dir, device)
+    report = evaluate_model(model, tokenizer, examples, settings, texts=texts)
+    rows = report.pop("rows")
+    paths = write_report(report, Path(cfg.output).expanduser(), rows=rows)
+    logger.info("wrote %s", ", ".join(str(path) for path in paths.values()))
+    print(markdown_table(report["results"]))
+    return 0
