@@ -195,12 +195,23 @@ class SourceModelConfig:
 
 
 @dataclass
+class DemoCorpusConfig:
+    """The generated exact-answer corpus (ar2dlm.data.synthetic) used when data.sources is empty."""
+
+    train_examples: int = 20000
+    eval_examples: int = 200
+    tokenizer_vocab_size: int = 160
+
+
+@dataclass
 class RunStage(TrainStage):
     """The whole chain: source model -> convert -> train -> export -> eval."""
 
     init: str | None = None
     source: str | None = None
+    overwrite: bool = False
     source_model: SourceModelConfig = field(default_factory=SourceModelConfig)
+    demo: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
     mask_token_id: int | None = None
     eval: EvalStage = field(default_factory=lambda: EvalStage(model="", output=""))
 

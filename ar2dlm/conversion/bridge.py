@@ -7,6 +7,10 @@ built), so converting needs about one copy of the model in memory.
 
 from __future__ import annotations
 
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +31,27 @@ def auto_bridge(hf_dir: str | Path):
     from megatron.bridge import AutoBridge
 
     return AutoBridge.from_hf_pretrained(str(hf_dir))
+
+
+@contextmanager
+def native_view(hf_dir: Path) -> Iterator[Path]:
+    """``hf_dir``, or a linked copy without ``auto_map`` when its config names remote code.
+
+    megatron-bridge dispatches on the remote-code class named in ``auto_map``; an ar2dlm export (or any
+    checkpoint of a supported family that carries remote code) must be read as its native architecture.
+    """
+    config = json.loads((hf_dir / "config.json").read_text())
+    if "auto_map" not in config:
+        yield hf_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="ar2dlm-native-") as scratch:
+        view = Path(scratch)
+        for item in hf_dir.iterdir():
+            if item.name != "config.json":
+                (view / item.name).symlink_to(item.resolve())
+        config.pop("auto_map")
+        (view / "config.json").write_text(json.dumps(config, indent=2))
+        yield view
 
 
 def bridge_from_config(hf_config):
@@ -89,12 +114,13 @@ def load_grown_vocabulary(model, hf_dir: Path, weight_files: dict[str, Path], or
 def build_converted_model(hf_dir: Path, hf_config, params_dtype: torch.dtype | None, vocab_size: int,
                           weight_files: dict[str, Path], tokenizer_rows: int, initialise_rows: list[int]):
     """Megatron model chunks with the HF weights, the vocabulary grown and mask rows initialised."""
-    bridge = auto_bridge(hf_dir)
-    log_shard_progress(bridge)
-    provider = megatron_provider(bridge, hf_config, params_dtype=params_dtype, vocab_size=vocab_size)
-    chunks = build_model(provider)
-    vocab_changed = vocab_size != hf_config.vocab_size or bool(initialise_rows)
-    load_weights(bridge, chunks, skip_vocab=vocab_changed)
+    with native_view(hf_dir) as view:
+        bridge = auto_bridge(view)
+        log_shard_progress(bridge)
+        provider = megatron_provider(bridge, hf_config, params_dtype=params_dtype, vocab_size=vocab_size)
+        chunks = build_model(provider)
+        vocab_changed = vocab_size != hf_config.vocab_size or bool(initialise_rows)
+        load_weights(bridge, chunks, skip_vocab=vocab_changed)
     if vocab_changed:
         load_grown_vocabulary(chunks[0], hf_dir, weight_files, min(tokenizer_rows, hf_config.vocab_size),
                               initialise_rows)

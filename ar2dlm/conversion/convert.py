@@ -67,6 +67,8 @@ def convert(source_path: str | Path, output: str | Path, *, mask_token_id: int |
     _, _, chunks = build_converted_model(source.path, hf_config, params_dtype, choice.vocab_size, weight_files,
                                          tokenizer_rows, _rows_to_initialise(choice))
     hf_config.vocab_size = choice.vocab_size
+    if hasattr(hf_config, "auto_map"):  # the checkpoint is read as its native architecture from now on
+        del hf_config.auto_map
     metadata = CheckpointMetadata(
         architecture=source.architecture, mask_token_id=choice.token_id, mask_token=choice.token,
         mask_token_reason=choice.reason, block_size=block_size, vocab_size=choice.vocab_size,

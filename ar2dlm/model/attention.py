@@ -140,13 +140,26 @@ def _cached_dense(layout: Layout, seq_len: int, block_size: int, device: torch.d
     return dense_mask(layout, seq_len, block_size, device=device)
 
 
+_last_document_mask: list = []  # [(document_ids, key, mask)]: every layer of one forward shares a mask
+
+
+def _document_mask(layout: Layout, seq_len: int, block_size: int, document_ids: Tensor, device: torch.device) -> Tensor:
+    """Dense [batch, 1, S, S] mask for packed documents, built once per ``document_ids`` tensor."""
+    key = (layout, seq_len, block_size, device)
+    if _last_document_mask and _last_document_mask[0][0] is document_ids and _last_document_mask[0][1] == key:
+        return _last_document_mask[0][2]
+    mask = dense_mask(layout, seq_len, block_size, document_ids, device=device).unsqueeze(1)
+    _last_document_mask[:] = [(document_ids, key, mask)]
+    return mask
+
+
 def _sdpa_mask(
     layout: Layout, seq_len: int, block_size: int, document_ids: Tensor | None, device: torch.device
 ) -> Tensor:
     """Dense boolean mask shaped for SDPA: [S, S], or [batch, 1, S, S] with documents."""
     if document_ids is None:
         return _cached_dense(layout, seq_len, block_size, device)
-    return dense_mask(layout, seq_len, block_size, document_ids, device=device).unsqueeze(1)
+    return _document_mask(layout, seq_len, block_size, document_ids, device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -173,7 +186,7 @@ def _split_attention(
     if document_ids is None:
         noisy_mask, clean_mask = _cached_split_masks(layout, seq_len, block_size, query.device)
     else:
-        full = dense_mask(layout, seq_len, block_size, document_ids, device=query.device).unsqueeze(1)
+        full = _document_mask(layout, seq_len, block_size, document_ids, query.device)
         noisy_mask, clean_mask = full[..., :n, :], full[..., n:, n:]
     q_noisy, q_clean = query[..., :n, :], query[..., n:, :]
     k_clean, v_clean = key[..., n:, :], value[..., n:, :]

@@ -14,7 +14,7 @@ that case for arbitrary mask types.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +29,18 @@ from ar2dlm.model.masks import Layout, is_doubled, total_length
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """The attention pattern of one forward pass (see :mod:`ar2dlm.model.masks` for the layouts)."""
+    """The attention pattern of one forward pass (see :mod:`ar2dlm.model.masks` for the layouts).
+
+    Every layer of the forward receives the same object, so tables computed once (rotary cos/sin)
+    are kept in ``cache`` and shared by all layers.
+    """
 
     layout: Layout
     seq_len: int
     block_size: int = 1
     document_ids: Tensor | None = None
     kernel: Kernel = "auto"
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def positions(self, device: torch.device) -> Tensor:
         """Rotary positions of the attention sequence: 0..L-1, twice for the doubled layouts."""
@@ -72,10 +77,27 @@ class BlockDiffusionCoreAttention(MegatronModule):
         if inv_freq is not None:
             self.rotary.inv_freq = torch.tensor(inv_freq, dtype=torch.float32)
 
-    def _apply_rotary(self, tensor: Tensor, positions: Tensor) -> Tensor:
-        table = self.rotary(int(positions.max()) + 1)  # [max_pos, 1, 1, dim]
-        table = table.to(tensor.device)[positions]
-        return apply_rotary_pos_emb(tensor, table, config=self.config)
+    def _rotary_tables(self, positions: Tensor, dtype: torch.dtype, cache: dict | None) -> tuple[Tensor, Tensor]:
+        """cos/sin [S, 1, 1, rotary_dim] for ``positions``, computed once per forward when ``cache`` is given."""
+        key = ("rotary", dtype, positions.device)
+        if cache is not None and key in cache:
+            return cache[key]
+        freqs = self.rotary(int(positions.max()) + 1).to(positions.device)[positions]  # [S, 1, 1, dim]
+        tables = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+        if cache is not None:
+            cache[key] = tables
+        return tables
+
+    def _apply_rotary(self, tensor: Tensor, positions: Tensor, cache: dict | None) -> Tensor:
+        if self.config.rotary_interleaved or self.config.apply_rope_fusion:
+            freqs = self.rotary(int(positions.max()) + 1).to(tensor.device)[positions]
+            return apply_rotary_pos_emb(tensor, freqs, config=self.config)
+        cos, sin = self._rotary_tables(positions, tensor.dtype, cache)
+        rotary_dim = cos.shape[-1]
+        rotated, passed = tensor[..., :rotary_dim], tensor[..., rotary_dim:]
+        first, second = rotated.chunk(2, dim=-1)
+        out = rotated * cos + torch.cat((-second, first), dim=-1) * sin  # as megatron-core and transformers
+        return out if passed.shape[-1] == 0 else torch.cat((out, passed), dim=-1)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None) -> Tensor:
@@ -91,8 +113,9 @@ class BlockDiffusionCoreAttention(MegatronModule):
             positions = attention_mask.positions(query.device)
         else:
             positions = torch.arange(seq, device=query.device)
-        query = self._apply_rotary(query, positions)
-        key = self._apply_rotary(key, positions)
+        cache = attention_mask.cache if isinstance(attention_mask, AttentionLayout) else None
+        query = self._apply_rotary(query, positions, cache)
+        key = self._apply_rotary(key, positions, cache)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         if isinstance(attention_mask, AttentionLayout):
             out = block_diffusion_attention(

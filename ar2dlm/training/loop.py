@@ -156,7 +156,7 @@ class Trainer:
                                         "and no checkpoint is written for this step")
         self.scheduler.step(1)
         elapsed = time.perf_counter() - started
-        tokens = self.cfg.train.global_batch_size * prepared[0].input_ids.shape[1]
+        tokens = self.cfg.train.global_batch_size * prepared[0].layout.seq_len  # data tokens (x_0), all ranks
         return {"loss": loss, "ar_loss": float(reduced.ar_loss), "dlm_loss": float(reduced.dlm_loss),
                 "mask_fraction": float(reduced.dlm_tokens) / float(maskable),
                 "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed}

@@ -39,7 +39,7 @@ class TorchAdamW:
                     (no_decay if _no_weight_decay(name, parameter) else decay).append(parameter)
         groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
         self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
-                                           eps=optim.adam_eps, weight_decay=optim.weight_decay)
+                                           eps=optim.adam_eps, weight_decay=optim.weight_decay, foreach=True)
         self.grad_clip = optim.grad_clip
 
     @property
@@ -54,10 +54,11 @@ class TorchAdamW:
 
     def grad_norm(self) -> float:
         """Global L2 norm of the gradients across tensor/pipeline ranks (TP duplicates counted once)."""
-        squares = torch.zeros((), dtype=torch.float64)
-        for parameter in self.parameters():
-            if parameter.grad is not None and param_is_not_tensor_parallel_duplicate(parameter):
-                squares += parameter.grad.detach().double().pow(2).sum().cpu()
+        grads = [p.grad.detach() for p in self.parameters()
+                 if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
+        norms = torch._foreach_norm(grads) if grads else []
+        squares = torch.stack([n.double() for n in norms]).pow(2).sum().cpu() if norms else torch.zeros((),
+                                                                                                     dtype=torch.float64)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(squares, group=parallel_state.get_model_parallel_group())
         return math.sqrt(float(squares))
@@ -66,10 +67,8 @@ class TorchAdamW:
         """Clip to ``grad_clip`` (if > 0), step, and return the pre-clipping global grad norm."""
         grad_norm = self.grad_norm()
         if self.grad_clip > 0 and grad_norm > self.grad_clip:
-            scale = self.grad_clip / (grad_norm + 1e-6)
-            for parameter in self.parameters():
-                if parameter.grad is not None:
-                    parameter.grad.mul_(scale)
+            torch._foreach_mul_([p.grad for p in self.parameters() if p.grad is not None],
+                                self.grad_clip / (grad_norm + 1e-6))
         if math.isfinite(grad_norm):
             self.optimizer.step()
         return grad_norm

@@ -43,3 +43,18 @@ def test_export_refuses_bad_input(make_tiny_hf, tmp_path, megatron_ready):
     with pytest.raises(UserError, match="exists and is not empty"):
         export(tmp_path / "converted", tmp_path / "busy")
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["x"]
+
+
+def test_an_export_converts_again(make_tiny_hf, tmp_path, megatron_ready):
+    """An exported folder (remote code in auto_map) is read as its native architecture."""
+    source = make_tiny_hf("LlamaForCausalLM")
+    convert(source, tmp_path / "converted")
+    export(tmp_path / "converted", tmp_path / "exported")
+    again = convert(tmp_path / "exported", tmp_path / "again")
+    assert again.architecture == "LlamaForCausalLM"
+    export(tmp_path / "again", tmp_path / "exported_again")
+    first = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", trust_remote_code=True)
+    second = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported_again", trust_remote_code=True)
+    ids = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)

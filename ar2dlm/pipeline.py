@@ -1,0 +1,165 @@
+"""`ar2dlm run`: the whole method in one command, each stage the same code as its own command.
+
+    1. source   the user's HF model (source=PATH), or a small model trained here with objective=ar on
+                the generated task corpus and exported as an ordinary HF checkpoint (the stand-in
+                for a pretrained model)
+    2. convert  HF -> ar2dlm checkpoint (mask token chosen, exact at step 0)
+    3. train    joint AR + diffusion training
+    4. export   HF folder with the tri-mode runtime
+    5. eval     the source in AR mode and the export in all three modes on held-out prompts
+
+Everything lands in OUTPUT/; OUTPUT/report.md, report.json and accuracy_vs_tpf.png hold the result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ar2dlm.config.schema import DataSourceConfig
+from ar2dlm.data.synthetic import read_jsonl, split_corpus, write_jsonl
+from ar2dlm.distributed import ParallelLayout, init_distributed, is_rank_zero
+from ar2dlm.errors import UserError
+from ar2dlm.fs import check_output_dir
+from ar2dlm.log import logger
+
+STAGES = ("source", "convert", "train", "export", "eval")
+
+
+class StageClock:
+    """Prints a header per stage and records its wall time."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, detail: str = ""):
+        index = self.names.index(name) + 1
+        logger.info("=== [%d/%d] %s%s ===", index, len(self.names), name, f": {detail}" if detail else "")
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        logger.info("=== %s done in %.1fs ===", name, self.seconds[name])
+
+
+def _train_config(cfg: DictConfig, *, init: Path, output: Path, **sections) -> DictConfig:
+    """A train-stage config derived from the run config (the same keys the `train` command takes)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.update(init=str(init), output=str(output), resume=False, **sections)
+    return OmegaConf.create(plain)
+
+
+def _corpus(cfg: DictConfig, data_dir: Path) -> tuple[Path, Path]:
+    train, held_out = split_corpus(cfg.demo.train_examples, cfg.demo.eval_examples, cfg.seed)
+    return write_jsonl(data_dir / "train.jsonl", train), write_jsonl(data_dir / "eval.jsonl", held_out)
+
+
+def _demo_source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
+    """Train the stand-in pretrained model: a small random model of the chosen family, objective=ar."""
+    from ar2dlm.conversion.convert import convert
+    from ar2dlm.conversion.export import export
+    from ar2dlm.model.hf_factory import make_hf_model, train_tokenizer
+    from ar2dlm.training.loop import Trainer
+
+    spec = cfg.source_model
+    texts = [example.text for example in read_jsonl(corpus)]
+    tokenizer = train_tokenizer(texts, cfg.demo.tokenizer_vocab_size, extra_special_tokens=["<|mask|>"])
+    vocab = -(-len(tokenizer) // 8) * 8  # pad the vocabulary to a multiple of 8 like real checkpoints
+    initial = make_hf_model(spec.architecture, output / "source_init", vocab_size=vocab, hidden_size=spec.hidden_size,
+                            num_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
+                            num_key_value_heads=spec.num_key_value_heads, intermediate_size=spec.intermediate_size,
+                            tokenizer=tokenizer, seed=cfg.seed, tie_word_embeddings=True)
+    convert(initial, output / "source_megatron", block_size=cfg.diffusion.block_size, overwrite=True)
+    train_cfg = _train_config(cfg, init=output / "source_megatron", output=output / "source_train",
+                              train=OmegaConf.to_container(spec.train), optim=OmegaConf.to_container(spec.optim))
+    history = Trainer(train_cfg).fit()
+    final = sorted((output / "source_train" / "checkpoints").glob("step_*"))[-1]
+    export(final, output / "source", overwrite=True)
+    logger.info("source model: %s, AR loss %.4f after %d steps", spec.architecture, history[-1]["ar_loss"],
+                history[-1]["step"])
+    return output / "source"
+
+
+def _with_runtime(hf_dir: Path, scratch: Path, mask_token_id: int, block_size: int) -> Path:
+    """``hf_dir`` as is if it carries the runtime; else a linked copy with it installed (for AR decoding)."""
+    from ar2dlm.runtime import RUNTIME_FILES, install_runtime
+
+    if all((hf_dir / name).is_file() for name in RUNTIME_FILES):
+        return hf_dir
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    for item in hf_dir.iterdir():
+        if item.is_file() and item.name != "config.json":
+            (scratch / item.name).symlink_to(item.resolve())
+    shutil.copy2(hf_dir / "config.json", scratch / "config.json")
+    config = json.loads((hf_dir / "config.json").read_text())
+    install_runtime(scratch, architecture=config["architectures"][0], mask_token_id=mask_token_id,
+                    block_size=block_size)
+    return scratch
+
+
+def _evaluate(model_dir: Path, examples: list, settings, output: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ar2dlm.eval.report import write_report
+    from ar2dlm.eval.run import evaluate_model
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    report = evaluate_model(model, tokenizer, examples, settings)
+    rows = report.pop("rows")
+    write_report(report, output, rows=rows)
+    return {**report, "rows": rows}
+
+
+def run_pipeline(cfg: DictConfig) -> int:
+    """CLI entry point of `ar2dlm run`."""
+    from ar2dlm.conversion.convert import convert
+    from ar2dlm.conversion.export import export
+    from ar2dlm.eval.run import EvalSettings
+    from ar2dlm.pipeline_report import write_run_report
+    from ar2dlm.training.loop import Trainer
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # writable copy
+    output = check_output_dir(cfg.output, cfg.overwrite)
+    if output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+    init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)
+    clock = StageClock(STAGES)
+    with clock.stage("source", cfg.source or f"train a {cfg.source_model.architecture} with objective=ar"):
+        train_corpus, eval_corpus = _corpus(cfg, output / "data")
+        if cfg.data.sources:
+            raise UserError("ar2dlm run trains on the generated demo corpus; use `ar2dlm train` for your own data")
+        corpus_source = OmegaConf.to_container(OmegaConf.structured(DataSourceConfig(path=str(train_corpus))))
+        data = {**OmegaConf.to_container(cfg.data), "sources": [corpus_source]}
+        cfg = OmegaConf.merge(cfg, {"data": data})
+        source = Path(cfg.source).expanduser() if cfg.source else _demo_source(cfg, output, train_corpus)
+    with clock.stage("convert", str(source)):
+        metadata = convert(source, output / "converted", mask_token_id=cfg.mask_token_id,
+                           block_size=cfg.diffusion.block_size)
+    with clock.stage("train", f"objective={cfg.train.objective}, {cfg.train.steps} steps"):
+        history = Trainer(_train_config(cfg, init=output / "converted", output=output / "train")).fit()
+    with clock.stage("export"):
+        final = sorted((output / "train" / "checkpoints").glob("step_*"))[-1]
+        export(final, output / "model")
+    with clock.stage("eval", f"{cfg.demo.eval_examples} held-out prompts"):
+        examples = read_jsonl(eval_corpus)
+        settings = EvalSettings(thresholds=tuple(cfg.eval.thresholds), block_lengths=(cfg.eval.block_length,),
+                                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                                seed=cfg.seed, elbo_draws=cfg.eval.elbo_draws)
+        source_dir = _with_runtime(source, output / "source_with_runtime", metadata.mask_token_id,
+                                   cfg.diffusion.block_size)
+        source_report = _evaluate(source_dir, examples, EvalSettings(**{**settings.__dict__, "modes": ("ar",)}),
+                                  output / "eval_source")
+        model_report = _evaluate(output / "model", examples, settings, output / "eval_model")
+    if is_rank_zero():
+        table = write_run_report(output, cfg, source_report, model_report, history, clock.seconds)
+        print(table)
+    return 0
