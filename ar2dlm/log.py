@@ -32,9 +32,11 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """A progress bar shown on rank 0 only (and not when stderr is not a terminal and CI is set)."""
-    disable = _rank() != 0 or (os.environ.get("CI") == "true" and not sys.stderr.isatty())
-    yield from tqdm(items, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True)
+    """A progress bar on rank 0 (off under CI without a terminal; sparse when stderr is a file)."""
+    interactive = sys.stderr.isatty()
+    disable = _rank() != 0 or (os.environ.get("CI") == "true" and not interactive)
+    yield from tqdm(items, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True,
+                    mininterval=0.1 if interactive else 30.0)  # a log file gets a line every 30 s
 
 
 class MetricSinks:

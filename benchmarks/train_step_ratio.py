@@ -16,18 +16,13 @@ from pathlib import Path
 import torch
 
 
-def _median_step_seconds(model, prepared, settings, reps: int) -> float:
+def _step_seconds(model, prepared, settings) -> float:
     from ar2dlm.training.forward import forward_loss
 
-    times = []
-    for index in range(reps + 1):
-        started = time.perf_counter()
-        model.zero_grad(set_to_none=True)
-        parts = forward_loss(model, prepared, settings)
-        parts.loss_sum.backward()
-        if index:  # the first repetition warms up
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    started = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    forward_loss(model, prepared, settings).loss_sum.backward()
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -66,17 +61,22 @@ def main() -> None:
             ids = torch.randint(0, len(tokenizer), (args.batch, length), generator=torch.Generator().manual_seed(0))
             batch = Batch(ids, torch.ones_like(ids, dtype=torch.bool), None, torch.arange(args.batch))
             noise = NoiseConfig(mask_token_id=metadata.mask_token_id, block_size=args.block_size)
-
-            def settings(objective: str, kernel: str) -> ObjectiveSettings:
-                return ObjectiveSettings(objective_weights(objective), noise, "causal", kernel, seed=0, pad_id=0)
-
-            ar_settings = settings("ar", "sdpa")
-            ar = _median_step_seconds(model, prepare_batch(batch, 1, ar_settings), ar_settings, args.reps)
-            print(f"L={length}: AR step {ar * 1e3:.1f} ms")
-            for kernel in ("sdpa", "split"):
-                joint_settings = settings("joint", kernel)
-                joint = _median_step_seconds(model, prepare_batch(batch, 1, joint_settings), joint_settings, args.reps)
-                print(f"  joint step ({kernel:5s} kernel) {joint * 1e3:.1f} ms   joint / AR = {joint / ar:.2f}")
+            runs = {
+                name: ObjectiveSettings(objective_weights(objective), noise, "causal", kernel, seed=0, pad_id=0)
+                for name, objective, kernel in (("ar", "ar", "sdpa"), ("joint-sdpa", "joint", "sdpa"),
+                                                ("joint-split", "joint", "split"))
+            }
+            prepared = {name: prepare_batch(batch, 1, settings) for name, settings in runs.items()}
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            for rep in range(args.reps + 1):  # interleaved, so load changes hit every variant alike
+                for name, settings in runs.items():
+                    seconds = _step_seconds(model, prepared[name], settings)
+                    if rep:
+                        times[name].append(seconds)
+            medians = {name: statistics.median(values) for name, values in times.items()}
+            print(f"L={length}: AR step {medians['ar'] * 1e3:.1f} ms")
+            for name in ("joint-sdpa", "joint-split"):
+                print(f"  {name:11s} step {medians[name] * 1e3:.1f} ms   joint / AR = {medians[name] / medians['ar']:.2f}")
 
 
 if __name__ == "__main__":

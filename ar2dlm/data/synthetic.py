@@ -41,13 +41,13 @@ def _digits(value: int) -> str:
 def make_example(task: str, rng: random.Random) -> Example:
     """One example of ``task`` drawn from ``rng``."""
     if task == "copy":
-        items = _symbols(rng, LETTERS + DIGITS, 3, 8)
+        items = _symbols(rng, LETTERS + DIGITS, 4, 14)
         return Example(task, f"copy: {' '.join(items)} =", " " + " ".join(items))
     if task == "reverse":
-        items = _symbols(rng, LETTERS + DIGITS, 3, 8)
+        items = _symbols(rng, LETTERS + DIGITS, 4, 14)
         return Example(task, f"reverse: {' '.join(items)} =", " " + " ".join(reversed(items)))
     if task == "sort":
-        items = _symbols(rng, DIGITS, 3, 8)
+        items = _symbols(rng, DIGITS, 4, 14)
         return Example(task, f"sort: {' '.join(items)} =", " " + " ".join(sorted(items)))
     if task == "add":
         a, b = rng.randint(10, 999), rng.randint(10, 999)
