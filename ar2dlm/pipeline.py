@@ -86,6 +86,16 @@ def _demo_source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
     return output / "source"
 
 
+def _source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
+    if cfg.source:
+        return Path(cfg.source).expanduser()
+    if cfg.source_gguf.package:
+        from ar2dlm.conversion.gguf_source import hf_checkpoint_from_gguf
+
+        return hf_checkpoint_from_gguf(cfg.source_gguf.package, cfg.source_gguf.file, output / "source")
+    return _demo_source(cfg, output, corpus)
+
+
 def _with_runtime(hf_dir: Path, scratch: Path, mask_token_id: int, block_size: int) -> Path:
     """``hf_dir`` as is if it carries the runtime; else a linked copy with it installed (for AR decoding)."""
     from ar2dlm.runtime import RUNTIME_FILES, install_runtime
@@ -133,14 +143,15 @@ def run_pipeline(cfg: DictConfig) -> int:
     output.mkdir(parents=True)
     init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)
     clock = StageClock(STAGES)
-    with clock.stage("source", cfg.source or f"train a {cfg.source_model.architecture} with objective=ar"):
+    with clock.stage("source", cfg.source or cfg.source_gguf.file
+                     or f"train a {cfg.source_model.architecture} with objective=ar"):
         train_corpus, eval_corpus = _corpus(cfg, output / "data")
         if cfg.data.sources:
             raise UserError("ar2dlm run trains on the generated demo corpus; use `ar2dlm train` for your own data")
         corpus_source = OmegaConf.to_container(OmegaConf.structured(DataSourceConfig(path=str(train_corpus))))
         data = {**OmegaConf.to_container(cfg.data), "sources": [corpus_source]}
         cfg = OmegaConf.merge(cfg, {"data": data})
-        source = Path(cfg.source).expanduser() if cfg.source else _demo_source(cfg, output, train_corpus)
+        source = _source(cfg, output, train_corpus)
     with clock.stage("convert", str(source)):
         metadata = convert(source, output / "converted", mask_token_id=cfg.mask_token_id,
                            block_size=cfg.diffusion.block_size)

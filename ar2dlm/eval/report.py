@@ -110,6 +110,7 @@ def plot_tradeoff(results: list[dict], path: Path, title: str = "") -> Path:
                               textcoords="offset points", xytext=(3, 3))
     axes.set_xlabel("tokens per forward")
     axes.set_ylabel("accuracy (exact match)")
+    axes.set_ylim(-0.03, 1.03)
     axes.set_title(title or "accuracy vs tokens per forward", fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)

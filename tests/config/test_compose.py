@@ -47,7 +47,7 @@ def test_named_recipe_is_applied_and_overrides_win():
         (["train.objective=magic"], "train.objective='magic' is not one of: ar, joint, diffusion"),
         (["train.global_batch_size=7"], "not a multiple of train.micro_batch_size"),
         (["optim.lr=0"], "optim.lr > 0"),
-        (["recipe=nope"], "available recipes: tiny"),
+        (["recipe=nope"], "Could not find 'recipe/nope'; available recipes: demo, "),
         (["parallel.sequence_parallel=true"], "needs parallel.tensor > 1"),
         (["diffusion.eps=0.9"], "diffusion.eps=0.9 must be in"),
         (["not-an-override"], "key=value"),

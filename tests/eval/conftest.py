@@ -3,6 +3,7 @@ demo examples, and a model whose logits are uniform."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,12 @@ def tiny(tiny_export):
     return load(tiny_export)
 
 
+@pytest.fixture
+def fresh(tiny_export):
+    """Factory: a new (model, tokenizer) of the tiny export, free to modify."""
+    return lambda: load(tiny_export)
+
+
 @pytest.fixture(scope="session")
 def uniform(tiny_export):
     """(model, tokenizer) of the tiny export with its lm_head zeroed: every logit is 0, so every
@@ -66,3 +73,36 @@ def held_out():
     from ar2dlm.data.synthetic import split_corpus
 
     return split_corpus(100, 5, seed=0)[1]
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_export):
+    """(model, tokenizer): the tiny export after 60 joint AR + diffusion steps on the demo corpus (in
+    memory), so that rows stop at EOS at different places and some drafts are accepted."""
+    from ar2dlm.data.synthetic import split_corpus
+    from ar2dlm.eval.toy import train_toy
+
+    model, tokenizer = load(tiny_export)
+    with one_torch_thread():
+        train_toy(model, tokenizer, [example.text for example in split_corpus(400, 1, seed=0)[0]], steps=60)
+    return model, tokenizer
+
+
+@contextmanager
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads' barriers
+    cost far more than the work (10x measured): run on one thread, then restore the setting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
