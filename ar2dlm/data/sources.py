@@ -148,6 +148,17 @@ def _text_records(path: Path, field: str, sft: bool, strict: bool, stats: ReadSt
                 yield Record(text, f"{path}:{number}")
 
 
+def parse_json_object(line: str, where: str) -> dict:
+    """One JSONL line as a dict, or a UserError naming ``where`` (file:line)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
+    return record
+
+
 def _jsonl_records(path: Path, field: str, sft: bool, strict: bool, stats: ReadStats,
                    source) -> Iterator[Record]:
     with path.open("rb") as stream:
@@ -156,12 +167,7 @@ def _jsonl_records(path: Path, field: str, sft: bool, strict: bool, stats: ReadS
             line = _decode(raw, where, strict, stats)
             if line is None or not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
+            record = parse_json_object(line, where)
             value = field_value(record, field, sft, where, stats)
             if value is not None:
                 yield Record(value, where)

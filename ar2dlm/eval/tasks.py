@@ -15,10 +15,10 @@ Texts for perplexity (``perplexity_texts``): ``jsonl:PATH`` (field ``text``, els
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from ar2dlm.data.sources import parse_json_object
 from ar2dlm.data.synthetic import Example, split_corpus
 from ar2dlm.errors import UserError
 
@@ -65,13 +65,7 @@ def _read_json_lines(path: Path) -> list[tuple[int, dict]]:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append((number, record))
+            records.append((number, parse_json_object(line, f"{path}:{number}")))
     if not records:
         raise UserError(f"{path} has no records")
     return records
