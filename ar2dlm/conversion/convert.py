@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ar2dlm.conversion.hf_source import HFSource, inspect_source
+from ar2dlm.conversion.hf_source import HFSource, inspect_source, resolve_source
 from ar2dlm.conversion.mask_token import MaskTokenChoice, choose_mask_token
 from ar2dlm.errors import UserError
 from ar2dlm.fs import atomic_directory, check_output_dir
@@ -51,7 +51,7 @@ def convert(source_path: str | Path, output: str | Path, *, mask_token_id: int |
     from transformers import AutoConfig
 
     check_output_dir(output, overwrite)
-    source = inspect_source(source_path)
+    source = inspect_source(resolve_source(source_path))
     logger.info("source: %s (%s, %d shard(s), %.1f MB)", source.path, source.architecture,
                 len(source.weight_files), source.total_bytes / 1e6)
     tokenizer = _load_tokenizer(source)
@@ -94,7 +94,7 @@ def run_convert(cfg: DictConfig) -> int:
 
     start = time.perf_counter()
     check_output_dir(cfg.output, cfg.overwrite)
-    inspect_source(cfg.source)  # fail on bad input before starting process groups
+    inspect_source(resolve_source(cfg.source))  # fail on bad input before starting process groups
     init_distributed(ParallelLayout())
     metadata = convert(cfg.source, cfg.output, mask_token_id=cfg.mask_token_id, block_size=cfg.block_size,
                        dtype=cfg.dtype, overwrite=cfg.overwrite)

@@ -45,6 +45,25 @@ class HFSource:
         return bool(self.config.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.tensors
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local folder as is; a hub id (``org/name``) that is not a local path is downloaded (safetensors only)."""
+    local = Path(source).expanduser()
+    if local.exists() or not _HUB_ID.match(str(source)):
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=str(source), allow_patterns=_HUB_FILES))
+    except Exception as error:  # offline, unknown repo, gated model: all one message for the user
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"source {source} is not a local folder and could not be downloaded from the "
+                        f"Hugging Face hub ({reason})") from None
+
+
 def inspect_source(path: str | Path) -> HFSource:
     """Validate a local HF causal-LM checkpoint directory and index its safetensors tensors."""
     root = Path(path).expanduser()

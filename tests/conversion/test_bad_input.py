@@ -136,3 +136,13 @@ def test_cli_converts(make_tiny_hf, tmp_path):
     assert "converted Qwen2ForCausalLM" in result.stdout
     assert "reading shard 1/1: model.safetensors" in result.stderr
     shutil.rmtree(tmp_path / "out")
+
+
+def test_unreachable_hub_id_is_one_clear_error(tmp_path, monkeypatch, megatron_ready):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    _refused("someorg/some-model", tmp_path / "out", "source someorg/some-model is not a local folder and could "
+             "not be downloaded from the Hugging Face hub")
+    _nothing_left(tmp_path / "out")
