@@ -62,8 +62,8 @@ def _hydra_message(error: Exception) -> str:
     cause = error.__cause__
     if "Could not find 'recipe/" in text:
         return f"{_first_line(text)}; available recipes: {', '.join(available_recipes())}"
-    if text.startswith("In 'recipe/") and "not in" in text:
-        recipe = text.split("'")[1].split("/")[1]
+    if text.startswith("In 'recipe") and "not in" in text:
+        recipe = text.split("'")[1].split("/")[-1]
         key = text.split("Key '")[1].split("'")[0] if "Key '" in text else "?"
         return f"recipe {recipe!r} sets {key!r}, which this stage does not have (the recipe is for another stage)"
     if isinstance(cause, OmegaConfBaseException):

@@ -31,6 +31,7 @@ from ar2dlm.training.parallel_setup import (
     PRECISION_DTYPES,
     all_reduce_gradients,
     check_layout_supported,
+    check_recompute_supported,
     configure_provider,
     wrap_data_parallel,
 )
@@ -194,6 +195,7 @@ def run_train(cfg: DictConfig) -> int:
     """CLI entry point of `ar2dlm train`."""
     read_metadata(cfg.init) if not cfg.resume or latest_checkpoint(Path(cfg.output)) is None else None
     check_layout_supported(cfg.parallel)
+    check_recompute_supported(cfg.train)
     init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)
     history = Trainer(cfg).fit()
     if history and is_rank_zero():
