@@ -37,6 +37,7 @@ from ar2dlm.training.parallel_setup import (
 )
 
 METRICS_FILE = "metrics.jsonl"
+VALIDATION_FILE = "validation.jsonl"
 
 
 class TrainingDivergedError(UserError):
@@ -78,6 +79,7 @@ class Trainer:
         )
         self.dp_group = parallel_state.get_data_parallel_group()
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         train_set, self.validation_set = build_datasets(cfg.data, self.tokenizer, seq_length=seq_length,
                                                         block_size=cfg.diffusion.block_size, seed=cfg.seed)
         self.loader = TrainDataLoader(train_set, global_batch_size=cfg.train.global_batch_size,
@@ -162,6 +164,23 @@ class Trainer:
                 "mask_fraction": float(reduced.dlm_tokens) / float(maskable),
                 "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed}
 
+    def validate(self) -> dict[str, float] | None:
+        """Loss on the validation set with fixed noise (that of step 0), averaged over all its tokens."""
+        from ar2dlm.data.loader import eval_batches
+
+        if self.validation_set is None:
+            return None
+        for chunk in self.model:
+            chunk.eval()
+        total: LossParts | None = None
+        with torch.no_grad():
+            for batch in eval_batches(self.validation_set, micro_batch_size=self.cfg.train.micro_batch_size,
+                                      dp_rank=self.dp_rank, dp_size=self.dp_size):
+                parts = forward_loss(self.model[0], prepare_batch(batch, 0, self.settings), self.settings)
+                total = parts if total is None else total + parts
+        reduced = total.all_reduce(self.dp_group)
+        return {"loss": float(reduced.loss()), "ar_loss": float(reduced.ar_loss), "dlm_loss": float(reduced.dlm_loss)}
+
     def fit(self) -> list[dict]:
         cfg = self.cfg
         self.output.mkdir(parents=True, exist_ok=True)
@@ -183,6 +202,13 @@ class Trainer:
                 if step % cfg.train.log_interval == 0:
                     sinks.log({f"train/{k}": v for k, v in metrics.items()}, step)
                     logger.debug("step %d %s", step, metrics)
+                if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                    validation = self.validate()
+                    if validation is not None and is_rank_zero():
+                        sinks.log({f"validation/{k}": v for k, v in validation.items()}, step)
+                        with (self.output / VALIDATION_FILE).open("a") as handle:
+                            handle.write(json.dumps({"step": step, **validation}) + "\n")
+                        logger.info("step %d validation loss %.4f", step, validation["loss"])
                 if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) \
                         or step == cfg.train.steps:
                     self._save()

@@ -93,3 +93,14 @@ def test_nan_loss_stops_without_a_poisoned_checkpoint(run_setup, monkeypatch):
         Trainer(cfg("train.steps=6", "checkpoint.save_interval=1")).fit()
     saved = sorted(p.name for p in (output / "checkpoints").glob("step_*"))
     assert saved == ["step_0000001", "step_0000002"]
+
+
+def test_validation_loss_every_eval_interval(run_setup):
+    cfg, output = run_setup
+    trainer = Trainer(cfg("train.steps=4", "train.eval_interval=2", "data.validation_fraction=0.1",
+                          "checkpoint.save_interval=0"))
+    trainer.fit()
+    records = [json.loads(line) for line in (output / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(0 < r["loss"] < 100 and r["ar_loss"] > 0 and r["dlm_loss"] > 0 for r in records)
+    assert trainer.validate() == trainer.validate()  # fixed noise: the same model gives the same loss
