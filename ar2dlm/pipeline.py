@@ -167,8 +167,8 @@ def run_pipeline(cfg: DictConfig) -> int:
                                 seed=cfg.seed, elbo_draws=cfg.eval.elbo_draws)
         source_dir = _with_runtime(source, output / "source_with_runtime", metadata.mask_token_id,
                                    cfg.diffusion.block_size)
-        source_report = _evaluate(source_dir, examples, EvalSettings(**{**settings.__dict__, "modes": ("ar",)}),
-                                  output / "eval_source")
+        ar_only = EvalSettings(**{**settings.__dict__, "modes": ("ar",), "elbo_draws": 0})  # no mask token yet
+        source_report = _evaluate(source_dir, examples, ar_only, output / "eval_source")
         model_report = _evaluate(output / "model", examples, settings, output / "eval_model")
     if is_rank_zero():
         table = write_run_report(output, cfg, source_report, model_report, history, clock.seconds)
