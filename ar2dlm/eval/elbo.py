@@ -105,6 +105,9 @@ def diffusion_elbo(model, token_lists: Sequence[Sequence[int]], *, draws: int = 
     mask_id = getattr(model.config, "mask_token_id", None)
     if mask_id is None:
         raise UserError("config.mask_token_id is not set: this checkpoint was not exported by ar2dlm")
+    vocab = model.get_input_embeddings().num_embeddings
+    if not 0 <= int(mask_id) < vocab:
+        raise UserError(f"config.mask_token_id={mask_id} is outside the model's vocabulary of {vocab}")
     block_size = block_size or getattr(model.config, "block_size", None)
     if not block_size or block_size < 1:
         raise UserError("no diffusion block size: set config.block_size or pass block_size")
