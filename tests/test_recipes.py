@@ -14,20 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ar2dlm.config import compose_stage, recipes_dir
+from ar2dlm.config import compose_stage, recipes_dir, required_keys
 from ar2dlm.config.compose import available_recipes
 from ar2dlm.config.schema import STAGE_SCHEMAS
 from ar2dlm.config.validate import validate_stage
 
-REQUIRED = {
-    "convert": ["source=a", "output=b"],
-    "train": ["init=a", "output=b"],
-    "export": ["checkpoint=a", "output=b"],
-    "generate": ["model=a", "prompt=hi"],
-    "eval": ["model=a", "output=b"],
-    "run": ["output=b"],
-    "data_prepare": ["source.path=a", "tokenizer=b", "output=c"],
-}
+REQUIRED = {stage: [f"{key}=x" for key in required_keys(stage)] for stage in STAGE_SCHEMAS}
 TOKENS_PER_STEP = 512 * 4096
 STAGE_TOKENS = {"ar": 1e12, "joint": 300e9, "sft": 45e9}  # DESIGN.md 1: 1T AR, 300B joint, 45B SFT
 PUBLISHED_STAGE = re.compile(r"^(?P<model>[a-z0-9_]+)_(?P<stage>ar|joint|sft)$")

@@ -127,3 +127,8 @@ def _leaves(node: Any, prefix: str):
                 yield path, OmegaConf.to_container(value)
             else:
                 yield path, value._value()
+
+
+def required_keys(stage: str) -> list[str]:
+    """The keys a stage cannot run without (those whose schema default is ``???``)."""
+    return sorted(OmegaConf.missing_keys(compose_stage(stage, [], require_complete=False)))

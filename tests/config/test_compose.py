@@ -2,18 +2,10 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
-from ar2dlm.config import ConfigError, compose_stage, recipes_dir, stage_keys
+from ar2dlm.config import ConfigError, compose_stage, recipes_dir, required_keys, stage_keys
 from ar2dlm.config.schema import STAGE_SCHEMAS
 
-REQUIRED = {
-    "convert": ["source=a", "output=b"],
-    "train": ["init=a", "output=b"],
-    "export": ["checkpoint=a", "output=b"],
-    "generate": ["model=a", "prompt=hi"],
-    "eval": ["model=a", "output=b"],
-    "run": ["output=b"],
-    "data_prepare": ["source.path=a", "tokenizer=b", "output=c"],
-}
+REQUIRED = {stage: [f"{key}=x" for key in required_keys(stage)] for stage in STAGE_SCHEMAS}
 
 
 @pytest.mark.parametrize("stage", list(STAGE_SCHEMAS))
