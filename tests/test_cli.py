@@ -17,7 +17,7 @@ def test_top_level_help_lists_every_stage():
     result = ar2dlm("--help")
     assert result.returncode == 0
     for stage in STAGE_ENTRY_POINTS:
-        assert f"  {stage} " in result.stdout
+        assert f"  {stage.replace('_', ' ')} " in result.stdout
 
 
 def help_keys(result: subprocess.CompletedProcess) -> dict[str, str]:
