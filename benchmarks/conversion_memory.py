@@ -29,15 +29,23 @@ def _make_source(path: Path, gigabytes: float) -> None:
                   num_attention_heads=16, num_key_value_heads=16, intermediate_size=ffn, tokenizer=tokenizer)
 
 
+def _anonymous_bytes(pid: int) -> int:
+    """Anonymous (heap) memory of a process: what it allocated, without file pages it merely mapped."""
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        return sum(int(line.split()[1]) * 1024 for line in handle if line.startswith("Anonymous:"))
+
+
 def _sample_peak(process: psutil.Process, stop: threading.Event, peak: list[int]) -> None:
     while not stop.is_set():
         try:
+            children = process.children(recursive=True)  # forked writers share the parent's pages: count their USS
+            peak[1] = max(peak[1], _anonymous_bytes(process.pid) + sum(c.memory_full_info().uss for c in children))
             # PSS splits pages shared between the process and its forked checkpoint writers, so the
             # sum is the real footprint (RSS would count copy-on-write pages once per process)
             processes = [process, *process.children(recursive=True)]
             total = sum(p.memory_full_info().pss for p in processes)
             peak[0] = max(peak[0], total)
-        except psutil.Error:
+        except (psutil.Error, OSError):
             pass
         time.sleep(0.1)
 
@@ -55,7 +63,7 @@ def main() -> None:
         started = time.perf_counter()
         child = subprocess.Popen([sys.executable, "-m", "ar2dlm.cli", "convert", f"source={source}",
                                   f"output={output}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        peak, stop = [0], threading.Event()
+        peak, stop = [0, 0], threading.Event()
         sampler = threading.Thread(target=_sample_peak, args=(psutil.Process(child.pid), stop, peak))
         sampler.start()
         code = child.wait()
@@ -66,6 +74,9 @@ def main() -> None:
     print(f"settings: random LlamaForCausalLM fp32 checkpoint, {size / 1e9:.2f} GB safetensors, one shard")
     print(f"convert exit code {code}, wall {elapsed:.1f}s")
     print(f"peak PSS (process + children) {peak[0] / 1e9:.2f} GB = {peak[0] / size:.2f}x the checkpoint size")
+    print(f"peak anonymous memory of the process + private memory of its writers (no mmap'd file pages) "
+          f"{peak[1] / 1e9:.2f} GB = "
+          f"{peak[1] / size:.2f}x the checkpoint size")
 
 
 if __name__ == "__main__":

@@ -71,12 +71,19 @@ def read_metadata(directory: str | Path) -> CheckpointMetadata:
     return CheckpointMetadata(**{k: v for k, v in raw.items() if k in known})
 
 
+def save_strategy():
+    """``torch_dist`` with one writer process per rank: each extra writer holds more of the model in memory."""
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+
+
 def save_weights(model_chunks: list, directory: Path) -> None:
     """Write the model as a megatron-core distributed checkpoint (``torch_dist`` format)."""
     from megatron.core import dist_checkpointing
 
     directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(_sharded_state_dict(model_chunks), str(directory))
+    dist_checkpointing.save(_sharded_state_dict(model_chunks), str(directory), sharded_strategy=save_strategy())
 
 
 def load_weights(model_chunks: list, directory: Path) -> None:
