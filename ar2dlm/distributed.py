@@ -79,14 +79,5 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234) -> int:
     return data_parallel
 
 
-def destroy_distributed() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def is_rank_zero() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -40,10 +40,6 @@ class HFSource:
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.weight_files)
 
-    @property
-    def tied_embeddings(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.tensors
-
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]

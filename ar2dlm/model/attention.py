@@ -46,28 +46,36 @@ def block_diffusion_attention(
     document_ids: Tensor | None = None,
     kernel: Kernel = "auto",
     scale: float | None = None,
+    cache: dict | None = None,
 ) -> Tensor:
     """Masked attention over [batch, heads, S, head_dim] tensors; returns [batch, q_heads, S, v_dim].
 
     S is ``seq_len`` (single-stream layouts) or ``2 * seq_len`` (doubled ``[x_t ; x_0]``). Key/value
     heads may divide query heads (GQA). ``document_ids`` [batch, seq_len] restricts attention to
     the same packed document. The output has the input dtype.
+
+    ``cache``: a dict owned by one forward pass (the same layout and documents for every layer), where
+    the checked arguments and the masks built from ``document_ids`` are kept for the next layers.
     """
-    validate_mask_args(layout, seq_len, block_size, document_ids)
+    cache = {} if cache is None else cache
+    if "checked" not in cache:  # the document check reads the tensor (a device sync): once per forward
+        validate_mask_args(layout, seq_len, block_size, document_ids)
+        cache["checked"] = True
     _validate_qkv(query, key, value, layout, seq_len, document_ids)
     if document_ids is not None:
         document_ids = document_ids.to(query.device)
     chosen = select_kernel(kernel, layout, query.device, _needs_grad(query, key, value))
     gqa = query.shape[1] != key.shape[1]
     if chosen == "flex":
-        block_mask = build_block_mask(layout, seq_len, block_size, document_ids, device=query.device)
+        block_mask = _memo(cache, ("block_mask", query.device),
+                           lambda: build_block_mask(layout, seq_len, block_size, document_ids, device=query.device))
         if query.device.type == "cpu":  # CPU flex refuses inputs that require grad, even under no_grad
             query, key, value = query.detach(), key.detach(), value.detach()
         flex = _compiled_flex() if query.device.type == "cuda" else flex_attention
         return flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     if chosen == "split":
-        return _split_attention(query, key, value, layout, block_size, seq_len, document_ids, scale, gqa)
-    mask = _sdpa_mask(layout, seq_len, block_size, document_ids, query.device)
+        return _split_attention(query, key, value, layout, block_size, seq_len, document_ids, scale, gqa, cache)
+    mask = _sdpa_mask(layout, seq_len, block_size, document_ids, query.device, cache)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
@@ -140,26 +148,26 @@ def _cached_dense(layout: Layout, seq_len: int, block_size: int, device: torch.d
     return dense_mask(layout, seq_len, block_size, device=device)
 
 
-_last_document_mask: list = []  # [(document_ids, key, mask)]: every layer of one forward shares a mask
+def _memo(cache: dict, key, build):
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
-def _document_mask(layout: Layout, seq_len: int, block_size: int, document_ids: Tensor, device: torch.device) -> Tensor:
-    """Dense [batch, 1, S, S] mask for packed documents, built once per ``document_ids`` tensor."""
-    key = (layout, seq_len, block_size, device)
-    if _last_document_mask and _last_document_mask[0][0] is document_ids and _last_document_mask[0][1] == key:
-        return _last_document_mask[0][2]
-    mask = dense_mask(layout, seq_len, block_size, document_ids, device=device).unsqueeze(1)
-    _last_document_mask[:] = [(document_ids, key, mask)]
-    return mask
+def _document_mask(layout: Layout, seq_len: int, block_size: int, document_ids: Tensor, device: torch.device,
+                   cache: dict) -> Tensor:
+    """Dense [batch, 1, S, S] mask for packed documents, built once per forward (kept in ``cache``)."""
+    return _memo(cache, ("dense", device),
+                 lambda: dense_mask(layout, seq_len, block_size, document_ids, device=device).unsqueeze(1))
 
 
 def _sdpa_mask(
-    layout: Layout, seq_len: int, block_size: int, document_ids: Tensor | None, device: torch.device
+    layout: Layout, seq_len: int, block_size: int, document_ids: Tensor | None, device: torch.device, cache: dict
 ) -> Tensor:
     """Dense boolean mask shaped for SDPA: [S, S], or [batch, 1, S, S] with documents."""
     if document_ids is None:
         return _cached_dense(layout, seq_len, block_size, device)
-    return _document_mask(layout, seq_len, block_size, document_ids, device)
+    return _document_mask(layout, seq_len, block_size, document_ids, device, cache)
 
 
 @functools.lru_cache(maxsize=16)
@@ -180,13 +188,14 @@ def _split_attention(
     document_ids: Tensor | None,
     scale: float | None,
     gqa: bool,
+    cache: dict,
 ) -> Tensor:
     """Doubled layouts: noisy rows (L x 2L mask) and clean rows (L x L, never see noisy keys) apart."""
     n = seq_len
     if document_ids is None:
         noisy_mask, clean_mask = _cached_split_masks(layout, seq_len, block_size, query.device)
     else:
-        full = _document_mask(layout, seq_len, block_size, document_ids, query.device)
+        full = _document_mask(layout, seq_len, block_size, document_ids, query.device, cache)
         noisy_mask, clean_mask = full[..., :n, :], full[..., n:, n:]
     q_noisy, q_clean = query[..., :n, :], query[..., n:, :]
     k_clean, v_clean = key[..., n:, :], value[..., n:, :]

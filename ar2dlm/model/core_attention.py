@@ -31,8 +31,8 @@ from ar2dlm.model.masks import Layout, is_doubled, total_length
 class AttentionLayout:
     """The attention pattern of one forward pass (see :mod:`ar2dlm.model.masks` for the layouts).
 
-    Every layer of the forward receives the same object, so tables computed once (rotary cos/sin)
-    are kept in ``cache`` and shared by all layers.
+    Every layer of the forward receives the same object, so what is computed once (rotary cos/sin,
+    masks of packed documents) is kept in ``cache`` and shared by all layers.
     """
 
     layout: Layout
@@ -121,7 +121,7 @@ class BlockDiffusionCoreAttention(MegatronModule):
             out = block_diffusion_attention(
                 q, k, v, layout=attention_mask.layout, block_size=attention_mask.block_size,
                 seq_len=attention_mask.seq_len, document_ids=attention_mask.document_ids,
-                kernel=attention_mask.kernel, scale=self.softmax_scale,
+                kernel=attention_mask.kernel, scale=self.softmax_scale, cache=attention_mask.cache,
             )
         else:
             allowed = ~attention_mask.to(torch.bool)

@@ -219,7 +219,8 @@ class Trainer:
 
 def run_train(cfg: DictConfig) -> int:
     """CLI entry point of `ar2dlm train`."""
-    read_metadata(cfg.init) if not cfg.resume or latest_checkpoint(Path(cfg.output)) is None else None
+    if not (cfg.resume and latest_checkpoint(Path(cfg.output)) is not None):
+        read_metadata(cfg.init)  # a bad init is one clear error before process groups start
     check_layout_supported(cfg.parallel)
     check_recompute_supported(cfg.train)
     init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)

@@ -214,3 +214,19 @@ def test_flex_with_grad_on_cpu_raises() -> None:
     q, k, v = (t.requires_grad_() for t in make_qkv("doubled_causal", 4))
     with pytest.raises(ValueError, match="'flex' has no backward on CPU"):
         block_diffusion_attention(q, k, v, layout="doubled_causal", block_size=2, seq_len=4, kernel="flex")
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "split"])
+def test_a_forward_cache_builds_document_masks_once(kernel: str) -> None:
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 16, 8, dtype=torch.float64) for _ in range(3))
+    docs = torch.tensor([[0] * 3 + [1] * 5, [0] * 8])
+    args = dict(layout="doubled_causal", block_size=4, seq_len=8, document_ids=docs, kernel=kernel)
+    cache: dict = {}
+    first = block_diffusion_attention(q, k, v, cache=cache, **args)
+    built = dict(cache)
+    second = block_diffusion_attention(q, k, v, cache=cache, **args)
+    assert cache.keys() == built.keys() and all(cache[key] is built[key] for key in built)
+    assert any(isinstance(key, tuple) and key[0] == "dense" for key in cache)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(first, block_diffusion_attention(q, k, v, **args), rtol=0, atol=0)
