@@ -22,6 +22,7 @@ from ar2dlm.training.loss import (
     ar_target_mask,
     compute_loss_parts,
     doubled_labels,
+    split_doubled,
 )
 from ar2dlm.training.noise import NoiseConfig, NoiseDraw, sample_noise
 
@@ -91,7 +92,6 @@ def forward_loss(model, prepared: PreparedBatch, settings: ObjectiveSettings) ->
         layout = AttentionLayout(layout.layout, layout.seq_len, layout.block_size,
                                  layout.document_ids.to(device), layout.kernel)
     token_ce = model(prepared.input_ids.to(device), None, layout, labels=prepared.labels.to(device))
-    length = layout.seq_len
     weights = settings.weights
     noise = prepared.noise
     if layout.layout == "causal":
@@ -100,7 +100,7 @@ def forward_loss(model, prepared: PreparedBatch, settings: ObjectiveSettings) ->
     if layout.layout == "bidirectional":
         return compute_loss_parts(token_ce, None, noise.masked.to(device), noise.weight.to(device),
                                   dlm_weight=weights.dlm, ar_weight=0.0)
-    ar_ce = token_ce[:, length:] if prepared.ar_mask is not None else None
+    noisy_ce, clean_ce = split_doubled(token_ce)
     ar_mask = prepared.ar_mask.to(device) if prepared.ar_mask is not None else None
-    return compute_loss_parts(token_ce[:, :length], ar_ce, noise.masked.to(device), noise.weight.to(device),
-                              ar_mask, dlm_weight=weights.dlm, ar_weight=weights.ar)
+    return compute_loss_parts(noisy_ce, clean_ce if ar_mask is not None else None, noise.masked.to(device),
+                              noise.weight.to(device), ar_mask, dlm_weight=weights.dlm, ar_weight=weights.ar)
