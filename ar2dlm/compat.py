@@ -8,6 +8,9 @@ never edited; the adjustments are:
   nothing when CUDA is unavailable (megatron-core moves rotary tables and checkpoint buffers to
   ``current_device()`` and synchronises around checkpoint writes).
 * megatron-core's RNG tracker is seeded with the flags that work without CUDA.
+* megatron-core's pipeline schedules allocate bookkeeping tensors with ``device="cuda"``, and a
+  pipeline-parallel model moves its tied embedding with ``.cuda()``; :func:`cuda_allocations_on_cpu`
+  keeps both on the CPU while a schedule runs or a model is built.
 * megatron-bridge imports ``transformer_engine`` and ``triton`` at import time (for fused LoRA
   layers and inference kernels that a CPU run never calls). When they are missing, a stand-in is
   importable only while ``megatron.bridge`` itself is imported, after megatron-core has recorded
@@ -21,9 +24,11 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from contextlib import nullcontext
 from functools import cache
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _STANDIN_ROOTS = ("transformer_engine", "triton")
 
@@ -54,6 +59,22 @@ def seed_model_parallel_rng(seed: int) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
         tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
+
+
+class _CudaAllocationsOnCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def cuda_allocations_on_cpu():
+    """Without a GPU: a context in which ``device="cuda"`` allocations and ``tensor.cuda()`` stay on the CPU."""
+    return nullcontext() if cuda_available() else _CudaAllocationsOnCpu()
 
 
 class _StandInType(type):

@@ -17,7 +17,12 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ar2dlm.compat import configure_torch_for_cpu, cuda_available, transformer_engine_available
+from ar2dlm.compat import (
+    configure_torch_for_cpu,
+    cuda_allocations_on_cpu,
+    cuda_available,
+    transformer_engine_available,
+)
 from ar2dlm.errors import UserError
 from ar2dlm.model.core_attention import BlockDiffusionCoreAttention
 
@@ -109,9 +114,20 @@ def build_model(provider, wrap_with_ddp: bool = False, ddp_config=None) -> list[
         raise ValueError("call prepare_provider() on the provider before build_model()")
     if hasattr(provider, "finalize"):
         provider.finalize()
-    return provider.provide_distributed_model(
-        wrap_with_ddp=wrap_with_ddp,
-        ddp_config=ddp_config,
-        use_cpu_initialization=not cuda_available(),
-        mixed_precision_wrapper=None,
-    )
+    with cuda_allocations_on_cpu():
+        return provider.provide_distributed_model(
+            wrap_with_ddp=wrap_with_ddp,
+            ddp_config=ddp_config,
+            use_cpu_initialization=not cuda_available(),
+            mixed_precision_wrapper=None,
+        )
+
+
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPT model inside data-parallel / mixed-precision wrappers (they keep it as ``.module``)."""
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(chunk, (_BaseDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk

@@ -84,23 +84,35 @@ def prepare_batch(batch, step: int, settings: ObjectiveSettings) -> PreparedBatc
     return PreparedBatch(inputs, doubled_labels(x0, settings.pad_id), layout, noise, ar_mask, int(loss_mask.sum()))
 
 
-def forward_loss(model, prepared: PreparedBatch, settings: ObjectiveSettings) -> LossParts:
-    """Run the model with labels (per-token CE from megatron, vocab-parallel) and combine the terms."""
-    device = next(model.parameters()).device
+def model_inputs(prepared: PreparedBatch, device: torch.device) -> tuple[Tensor, Tensor, AttentionLayout]:
+    """input ids, labels and attention layout of a micro-batch, on the model's device."""
     layout = prepared.layout
     if layout.document_ids is not None:
         layout = AttentionLayout(layout.layout, layout.seq_len, layout.block_size,
                                  layout.document_ids.to(device), layout.kernel)
-    token_ce = model(prepared.input_ids.to(device), None, layout, labels=prepared.labels.to(device))
+    return prepared.input_ids.to(device), prepared.labels.to(device), layout
+
+
+def loss_parts(token_ce: Tensor, prepared: PreparedBatch, settings: ObjectiveSettings,
+               device: torch.device) -> LossParts:
+    """Combine the model's per-token CE [batch, sequence] into the enabled loss terms."""
     weights = settings.weights
     noise = prepared.noise
-    if layout.layout == "causal":
+    layout = prepared.layout.layout
+    if layout == "causal":
         return compute_loss_parts(None, token_ce, ar_mask=prepared.ar_mask.to(device), dlm_weight=0.0,
                                   ar_weight=weights.ar)
-    if layout.layout == "bidirectional":
+    if layout == "bidirectional":
         return compute_loss_parts(token_ce, None, noise.masked.to(device), noise.weight.to(device),
                                   dlm_weight=weights.dlm, ar_weight=0.0)
     noisy_ce, clean_ce = split_doubled(token_ce)
     ar_mask = prepared.ar_mask.to(device) if prepared.ar_mask is not None else None
     return compute_loss_parts(noisy_ce, clean_ce if ar_mask is not None else None, noise.masked.to(device),
                               noise.weight.to(device), ar_mask, dlm_weight=weights.dlm, ar_weight=weights.ar)
+
+
+def forward_loss(model, prepared: PreparedBatch, settings: ObjectiveSettings) -> LossParts:
+    """Run the model with labels (per-token CE from megatron, vocab-parallel) and combine the terms."""
+    device = next(model.parameters()).device
+    input_ids, labels, layout = model_inputs(prepared, device)
+    return loss_parts(model(input_ids, None, layout, labels=labels), prepared, settings, device)

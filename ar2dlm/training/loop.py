@@ -16,6 +16,7 @@ from ar2dlm.distributed import ParallelLayout, init_distributed, is_rank_zero
 from ar2dlm.errors import UserError
 from ar2dlm.log import MetricSinks, logger, progress
 from ar2dlm.model.checkpoint import HF_DIR, load_model, read_metadata
+from ar2dlm.model.gpt import unwrap_model
 from ar2dlm.training.checkpointing import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -23,18 +24,18 @@ from ar2dlm.training.checkpointing import (
     rng_state,
     save_training_checkpoint,
 )
-from ar2dlm.training.forward import ObjectiveSettings, forward_loss, prepare_batch
-from ar2dlm.training.loss import LossParts, objective_weights
+from ar2dlm.training.data_parallel import wrap_data_parallel
+from ar2dlm.training.forward import ObjectiveSettings, prepare_batch
+from ar2dlm.training.loss import objective_weights
 from ar2dlm.training.noise import NoiseConfig
 from ar2dlm.training.optim import build_optimizer, build_scheduler
 from ar2dlm.training.parallel_setup import (
     PRECISION_DTYPES,
-    all_reduce_gradients,
     check_layout_supported,
     check_recompute_supported,
     configure_provider,
-    wrap_data_parallel,
 )
+from ar2dlm.training.schedule import forward_backward
 
 METRICS_FILE = "metrics.jsonl"
 VALIDATION_FILE = "validation.jsonl"
@@ -64,8 +65,7 @@ class Trainer:
         seq_length = cfg.data.seq_length
         self.model, _, _ = load_model(start_from, params_dtype=PRECISION_DTYPES[cfg.train.precision],
                                       seq_length=seq_length, configure=lambda p: configure_provider(p, cfg))
-        if cuda_available():
-            self.model = wrap_data_parallel(self.model, cfg)
+        self.model = wrap_data_parallel(self.model, cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
         weights = objective_weights(cfg.train.objective, cfg.diffusion.dlm_loss_weight, cfg.diffusion.ar_loss_weight)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -77,7 +77,7 @@ class Trainer:
             clean_pattern=cfg.diffusion.clean_pattern, attention_kernel=cfg.diffusion.attention_kernel,
             seed=cfg.seed, pad_id=int(pad_id or 0),
         )
-        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.dp_rank, self.dp_size = dp_rank, dp_size
         train_set, self.validation_set = build_datasets(cfg.data, self.tokenizer, seq_length=seq_length,
@@ -93,6 +93,10 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
 
+    @property
+    def unwrapped_model(self) -> list:
+        return [unwrap_model(chunk) for chunk in self.model]
+
     def _resume_point(self) -> Path | None:
         latest = latest_checkpoint(self.output)
         if latest is not None and not self.cfg.resume:
@@ -103,7 +107,7 @@ class Trainer:
         return latest
 
     def _restore(self, checkpoint: Path) -> None:
-        state = load_training_checkpoint(checkpoint, self.model, self.optimizer)
+        state = load_training_checkpoint(checkpoint, self.unwrapped_model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
         restore_rng_state(state["rng"])
@@ -115,7 +119,7 @@ class Trainer:
                 "rng": rng_state(), "config": OmegaConf.to_container(self.cfg)}
 
     def _save(self) -> None:
-        path = save_training_checkpoint(self.output, self.step, self.model, self.optimizer, self._trainer_state(),
+        path = save_training_checkpoint(self.output, self.step, self.unwrapped_model, self.optimizer, self._trainer_state(),
                                         self.metadata, self.hf_dir, self.cfg.checkpoint.keep_last)
         logger.info("saved checkpoint %s", path)
 
@@ -133,25 +137,12 @@ class Trainer:
         global_tokens, maskable = counts[0].clamp(min=1), counts[1].clamp(min=1)
         self.optimizer.zero_grad()
         for chunk in self.model:
-            if hasattr(chunk, "zero_grad_buffer"):
-                chunk.zero_grad_buffer()
-        total: LossParts | None = None
-        for batch in prepared:
-            parts = forward_loss(self.model[0], batch, self.settings)
-            (parts.loss_sum / global_tokens.to(parts.loss_sum.dtype)).backward()
-            detached = LossParts(parts.dlm_sum.detach(), parts.dlm_tokens, parts.ar_sum.detach(), parts.ar_tokens,
-                                 parts.dlm_weight, parts.ar_weight)
-            total = detached if total is None else total + detached
-        reduced = total.all_reduce(self.dp_group)
+            chunk.zero_grad_buffer()
+        reduced = forward_backward(self.model, prepared, self.settings, global_tokens)
         loss = float(reduced.loss_sum) / float(global_tokens)
         if not math.isfinite(loss):
             raise TrainingDivergedError(f"loss is {loss} at step {step}; stopping without writing a checkpoint "
                                         f"for this step (last good one: {latest_checkpoint(self.output)})")
-        if cuda_available():
-            for chunk in self.model:
-                chunk.finish_grad_sync()
-        else:
-            all_reduce_gradients(self.optimizer.parameters(), self.dp_group)
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = self.optimizer.step()
         if not math.isfinite(grad_norm):
@@ -172,13 +163,11 @@ class Trainer:
             return None
         for chunk in self.model:
             chunk.eval()
-        total: LossParts | None = None
+        batches = [prepare_batch(batch, 0, self.settings)
+                   for batch in eval_batches(self.validation_set, micro_batch_size=self.cfg.train.micro_batch_size,
+                                             dp_rank=self.dp_rank, dp_size=self.dp_size)]
         with torch.no_grad():
-            for batch in eval_batches(self.validation_set, micro_batch_size=self.cfg.train.micro_batch_size,
-                                      dp_rank=self.dp_rank, dp_size=self.dp_size):
-                parts = forward_loss(self.model[0], prepare_batch(batch, 0, self.settings), self.settings)
-                total = parts if total is None else total + parts
-        reduced = total.all_reduce(self.dp_group)
+            reduced = forward_backward(self.model, batches, self.settings, forward_only=True)
         return {"loss": float(reduced.loss()), "ar_loss": float(reduced.ar_loss), "dlm_loss": float(reduced.dlm_loss)}
 
     def fit(self) -> list[dict]:

@@ -19,6 +19,7 @@ from megatron.core.dist_checkpointing.optimizer import (
 )
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
 from omegaconf import DictConfig
 
 _DECAY_STYLE = {"wsd": "WSD", "cosine": "cosine", "constant": "constant"}
@@ -53,9 +54,10 @@ class TorchAdamW:
         self.optimizer.zero_grad(set_to_none=True)
 
     def grad_norm(self) -> float:
-        """Global L2 norm of the gradients across tensor/pipeline ranks (TP duplicates counted once)."""
+        """Global L2 norm of the gradients across tensor/pipeline ranks (TP duplicates and the last stage's
+        copy of tied embeddings counted once)."""
         grads = [p.grad.detach() for p in self.parameters()
-                 if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
+                 if p.grad is not None and param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p)]
         norms = torch._foreach_norm(grads) if grads else []
         squares = torch.stack([n.double() for n in norms]).pow(2).sum().cpu() if norms else torch.zeros((),
                                                                                                      dtype=torch.float64)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 from ar2dlm.compat import cuda_available
@@ -23,9 +22,6 @@ def check_layout_supported(parallel: DictConfig) -> None:
     if parallel.context > 1:
         raise UserError("parallel.context > 1 is not supported yet: the block-diffusion attention has no "
                         "context-parallel (ring) implementation")
-    if parallel.pipeline > 1:
-        reason = "" if cuda_available() else " (and megatron-core's pipeline schedules need CUDA)"
-        raise UserError("parallel.pipeline > 1 is not supported by the ar2dlm training loop yet" + reason)
 
 
 def configure_provider(provider, cfg: DictConfig):
@@ -50,25 +46,3 @@ def configure_provider(provider, cfg: DictConfig):
         provider.recompute_granularity = "selective"
         provider.recompute_modules = ["core_attn"]
     return provider
-
-
-def all_reduce_gradients(parameters: list[torch.nn.Parameter], group) -> None:
-    """Sum gradients over the data-parallel group (CPU path; megatron DDP does this on GPU)."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        grad.copy_(synced)
-
-
-def wrap_data_parallel(model_chunks: list, cfg: DictConfig) -> list:
-    """megatron-core DDP on GPU (gradient buffers, bucketed all-reduce, distributed-optimizer sharding)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, average_in_collective=False,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-    )
-    return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk) for chunk in model_chunks]

@@ -9,7 +9,7 @@ from ar2dlm.config import compose_stage
 from ar2dlm.conversion.convert import convert
 from ar2dlm.data.synthetic import examples, write_jsonl
 from ar2dlm.errors import UserError
-from ar2dlm.training import loop
+from ar2dlm.training import schedule
 from ar2dlm.training.loop import Trainer, TrainingDivergedError
 
 
@@ -78,17 +78,17 @@ def test_existing_checkpoints_need_resume(run_setup):
 
 def test_nan_loss_stops_without_a_poisoned_checkpoint(run_setup, monkeypatch):
     cfg, output = run_setup
-    real_forward = loop.forward_loss
+    real_loss_parts = schedule.loss_parts
     calls = {"n": 0}
 
-    def poisoned(model, prepared, settings):
-        parts = real_forward(model, prepared, settings)
+    def poisoned(*args):
+        parts = real_loss_parts(*args)
         calls["n"] += 1
         if calls["n"] > 4:  # steps 1-2 are fine (2 micro-batches each), step 3 is NaN
             parts.ar_sum = parts.ar_sum * torch.tensor(float("nan"))
         return parts
 
-    monkeypatch.setattr(loop, "forward_loss", poisoned)
+    monkeypatch.setattr(schedule, "loss_parts", poisoned)
     with pytest.raises(TrainingDivergedError, match="loss is nan at step 3"):
         Trainer(cfg("train.steps=6", "checkpoint.save_interval=1")).fit()
     saved = sorted(p.name for p in (output / "checkpoints").glob("step_*"))
