@@ -7,7 +7,9 @@ never edited; the adjustments are:
 * ``torch.cuda.current_device`` returns the CPU device and ``torch.cuda.synchronize`` does
   nothing when CUDA is unavailable (megatron-core moves rotary tables and checkpoint buffers to
   ``current_device()`` and synchronises around checkpoint writes).
-* megatron-core's RNG tracker is seeded with the flags that work without CUDA.
+* megatron-core's RNG tracker is seeded with the flags that work without CUDA, and the CUDA
+  random state that activation recompute saves and restores is empty (there is no CUDA
+  generator; the CPU generator, which CPU dropout uses, is saved by megatron-core separately).
 * megatron-core's pipeline schedules allocate bookkeeping tensors with ``device="cuda"``, and a
   pipeline-parallel model moves its tied embedding with ``.cuda()``; :func:`cuda_allocations_on_cpu`
   keeps both on the CPU while a schedule runs or a model is built.
@@ -48,6 +50,8 @@ def configure_torch_for_cpu() -> None:
         return
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    no_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)  # noqa: E731
+    torch.cuda.get_rng_state = torch.cuda.random.get_rng_state = no_cuda_rng_state
 
 
 def seed_model_parallel_rng(seed: int) -> None:

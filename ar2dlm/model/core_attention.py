@@ -7,7 +7,8 @@ built with ``position_embedding_type="none"`` (see :mod:`ar2dlm.model.gpt`), and
 settings (base, scaling) come from the model config that megatron-bridge fills from the HF config.
 
 What a forward attends to is described by an :class:`AttentionLayout`, passed through the GPT
-model as its ``attention_mask`` argument. A plain boolean tensor in Megatron's convention (True =
+model as its ``attention_mask`` argument (as itself, or wrapped by :func:`layout_tensor` where
+megatron-core needs a tensor). A plain boolean tensor in Megatron's convention (True =
 masked out) is accepted too. ``None`` is refused: megatron-core silently applies no mask at all in
 that case for arbitrary mask types.
 """
@@ -50,6 +51,24 @@ class AttentionLayout:
     @property
     def total_length(self) -> int:
         return total_length(self.layout, self.seq_len)
+
+
+class LayoutTensor(torch.Tensor):
+    """An empty tensor carrying an :class:`AttentionLayout` through megatron-core code that only passes
+    tensors (activation recompute keeps the layer inputs, the attention mask among them, with
+    ``save_for_backward``)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    attention_layout: AttentionLayout
+
+    def detach(self) -> LayoutTensor:  # recompute detaches the saved inputs before re-running the layers
+        return layout_tensor(self.attention_layout)
+
+
+def layout_tensor(layout: AttentionLayout) -> LayoutTensor:
+    carrier = torch.Tensor._make_subclass(LayoutTensor, torch.empty(0, dtype=torch.bool))
+    carrier.attention_layout = layout
+    return carrier
 
 
 class BlockDiffusionCoreAttention(MegatronModule):
@@ -106,6 +125,8 @@ class BlockDiffusionCoreAttention(MegatronModule):
             raise NotImplementedError("attention bias and THD packed sequences are not supported")
         if attention_mask is None:
             raise ValueError("block-diffusion attention needs an AttentionLayout or an explicit boolean mask")
+        if isinstance(attention_mask, LayoutTensor):
+            attention_mask = attention_mask.attention_layout
         seq = query.shape[0]
         if isinstance(attention_mask, AttentionLayout):
             if attention_mask.total_length != seq:

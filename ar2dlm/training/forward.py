@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ar2dlm.model.core_attention import AttentionLayout
+from ar2dlm.model.core_attention import AttentionLayout, LayoutTensor, layout_tensor
 from ar2dlm.model.masks import doubled_layout
 from ar2dlm.training.loss import (
     LossParts,
@@ -84,13 +84,13 @@ def prepare_batch(batch, step: int, settings: ObjectiveSettings) -> PreparedBatc
     return PreparedBatch(inputs, doubled_labels(x0, settings.pad_id), layout, noise, ar_mask, int(loss_mask.sum()))
 
 
-def model_inputs(prepared: PreparedBatch, device: torch.device) -> tuple[Tensor, Tensor, AttentionLayout]:
-    """input ids, labels and attention layout of a micro-batch, on the model's device."""
+def model_inputs(prepared: PreparedBatch, device: torch.device) -> tuple[Tensor, Tensor, LayoutTensor]:
+    """input ids, labels and attention layout (as the model's attention mask) of a micro-batch, on ``device``."""
     layout = prepared.layout
     if layout.document_ids is not None:
         layout = AttentionLayout(layout.layout, layout.seq_len, layout.block_size,
                                  layout.document_ids.to(device), layout.kernel)
-    return prepared.input_ids.to(device), prepared.labels.to(device), layout
+    return prepared.input_ids.to(device), prepared.labels.to(device), layout_tensor(layout)
 
 
 def loss_parts(token_ce: Tensor, prepared: PreparedBatch, settings: ObjectiveSettings,

@@ -32,7 +32,6 @@ from ar2dlm.training.optim import build_optimizer, build_scheduler
 from ar2dlm.training.parallel_setup import (
     PRECISION_DTYPES,
     check_layout_supported,
-    check_recompute_supported,
     configure_provider,
 )
 from ar2dlm.training.schedule import forward_backward
@@ -211,7 +210,6 @@ def run_train(cfg: DictConfig) -> int:
     if not (cfg.resume and latest_checkpoint(Path(cfg.output)) is not None):
         read_metadata(cfg.init)  # a bad init is one clear error before process groups start
     check_layout_supported(cfg.parallel)
-    check_recompute_supported(cfg.train)
     init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)
     history = Trainer(cfg).fit()
     if history and is_rank_zero():

@@ -11,12 +11,6 @@ from ar2dlm.errors import UserError
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def check_recompute_supported(train: DictConfig) -> None:
-    if train.recompute != "none" and not cuda_available():
-        raise UserError(f"train.recompute={train.recompute} needs CUDA (megatron-core's activation recompute "
-                        "restores the CUDA random state); use train.recompute=none on CPU")
-
-
 def check_layout_supported(parallel: DictConfig) -> None:
     """Refuse, with the reason, layouts this machine or the attention cannot run."""
     if parallel.context > 1:

@@ -104,3 +104,26 @@ def test_validation_loss_every_eval_interval(run_setup):
     assert [r["step"] for r in records] == [2, 4]
     assert all(0 < r["loss"] < 100 and r["ar_loss"] > 0 and r["dlm_loss"] > 0 for r in records)
     assert trainer.validate() == trainer.validate()  # fixed noise: the same model gives the same loss
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_activation_recompute_gives_the_same_steps(run_setup, tmp_path, monkeypatch, recompute):
+    """Recompute trades memory for time; the losses and gradients must not change (CPU: exactly)."""
+    from megatron.core import tensor_parallel
+
+    cfg, _ = run_setup
+    reference = Trainer(cfg("train.steps=2", "checkpoint.save_interval=0")).fit()
+    calls = {"n": 0}
+    real_checkpoint = tensor_parallel.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls["n"] += 1
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(tensor_parallel, "checkpoint", counting_checkpoint)
+    recomputed = Trainer(cfg("train.steps=2", "checkpoint.save_interval=0", f"train.recompute={recompute}",
+                             f"output={tmp_path / recompute}")).fit()
+    assert calls["n"] > 0, "no layer was recomputed"
+    for ref, rec in zip(reference, recomputed, strict=True):
+        assert rec["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+        assert rec["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)

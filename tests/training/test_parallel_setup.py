@@ -44,12 +44,3 @@ def test_unsupported_layouts_say_why():
     with pytest.raises(UserError, match="no context-parallel"):
         check_layout_supported(OmegaConf.create({"context": 2, "pipeline": 1}))
     check_layout_supported(OmegaConf.create({"context": 1, "pipeline": 1}))
-
-
-def test_recompute_is_refused_without_a_gpu(monkeypatch):
-    from ar2dlm.training.parallel_setup import check_recompute_supported
-
-    monkeypatch.setattr(parallel_setup, "cuda_available", lambda: False)
-    with pytest.raises(UserError, match="train.recompute=full needs CUDA"):
-        check_recompute_supported(OmegaConf.create({"recompute": "full"}))
-    check_recompute_supported(OmegaConf.create({"recompute": "none"}))
