@@ -81,6 +81,9 @@ def _training_rules(cfg: DictConfig) -> Iterator[str]:
                f"diffusion.block_size={diffusion.block_size}")
     if train.objective == "joint" and diffusion.dlm_loss_weight == 0 and diffusion.ar_loss_weight == 0:
         yield "objective joint needs diffusion.dlm_loss_weight or diffusion.ar_loss_weight > 0"
+    if parallel.context > 1 and cfg.data.seq_length % (2 * parallel.context):
+        yield (f"data.seq_length={cfg.data.seq_length} must be a multiple of 2 x parallel.context = "
+               f"{2 * parallel.context} (each context-parallel rank holds two chunks of the sequence)")
     yield from _layout_rules(train, parallel)
     yield from _fp8_rules(train)
     for index, source in enumerate(cfg.data.sources):

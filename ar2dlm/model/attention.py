@@ -71,7 +71,7 @@ def block_diffusion_attention(
                            lambda: build_block_mask(layout, seq_len, block_size, document_ids, device=query.device))
         if query.device.type == "cpu":  # CPU flex refuses inputs that require grad, even under no_grad
             query, key, value = query.detach(), key.detach(), value.detach()
-        flex = _compiled_flex() if query.device.type == "cuda" else flex_attention
+        flex = compiled_flex_attention() if query.device.type == "cuda" else flex_attention
         return flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     if chosen == "split":
         return _split_attention(query, key, value, layout, block_size, seq_len, document_ids, scale, gqa, cache)
@@ -139,7 +139,7 @@ def _validate_qkv(
 
 
 @functools.cache
-def _compiled_flex():  # returns torch.compile's wrapper
+def compiled_flex_attention():  # returns torch.compile's wrapper
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -25,6 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from ar2dlm.model.attention import Kernel, block_diffusion_attention
+from ar2dlm.model.context_parallel import ContextShard, gather_sequence, sharded_attention
 from ar2dlm.model.masks import Layout, is_doubled, total_length
 
 
@@ -41,16 +42,24 @@ class AttentionLayout:
     block_size: int = 1
     document_ids: Tensor | None = None
     kernel: Kernel = "auto"
+    shard: ContextShard | None = None  # this rank's tokens under context parallelism
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def positions(self, device: torch.device) -> Tensor:
-        """Rotary positions of the attention sequence: 0..L-1, twice for the doubled layouts."""
+        """Rotary positions of this rank's tokens: 0..L-1, twice for the doubled layouts (all of them without
+        context parallelism)."""
         single = torch.arange(self.seq_len, device=device)
-        return single.repeat(2) if is_doubled(self.layout) else single
+        positions = single.repeat(2) if is_doubled(self.layout) else single
+        return positions if self.shard is None else positions[self.shard.token_index.to(device)]
 
     @property
     def total_length(self) -> int:
         return total_length(self.layout, self.seq_len)
+
+    @property
+    def local_length(self) -> int:
+        """Tokens of the sequence this rank holds."""
+        return self.total_length if self.shard is None else self.shard.token_index.numel()
 
 
 class LayoutTensor(torch.Tensor):
@@ -78,8 +87,6 @@ class BlockDiffusionCoreAttention(MegatronModule):
                  cp_comm_type: str | None = None, softmax_scale: float | None = None, pg_collection=None,
                  **kwargs):
         super().__init__(config=config)
-        if getattr(config, "context_parallel_size", 1) > 1:
-            raise NotImplementedError("context parallelism is not supported by the block-diffusion attention yet")
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
         self.rotary = RotaryEmbedding(
@@ -101,7 +108,7 @@ class BlockDiffusionCoreAttention(MegatronModule):
         key = ("rotary", dtype, positions.device)
         if cache is not None and key in cache:
             return cache[key]
-        freqs = self.rotary(int(positions.max()) + 1).to(positions.device)[positions]  # [S, 1, 1, dim]
+        freqs = self.rotary.get_emb(int(positions.max()) + 1).to(positions.device)[positions]  # [S, 1, 1, dim]
         tables = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
         if cache is not None:
             cache[key] = tables
@@ -109,7 +116,7 @@ class BlockDiffusionCoreAttention(MegatronModule):
 
     def _apply_rotary(self, tensor: Tensor, positions: Tensor, cache: dict | None) -> Tensor:
         if self.config.rotary_interleaved or self.config.apply_rope_fusion:
-            freqs = self.rotary(int(positions.max()) + 1).to(tensor.device)[positions]
+            freqs = self.rotary.get_emb(int(positions.max()) + 1).to(tensor.device)[positions]
             return apply_rotary_pos_emb(tensor, freqs, config=self.config)
         cos, sin = self._rotary_tables(positions, tensor.dtype, cache)
         rotary_dim = cos.shape[-1]
@@ -129,16 +136,25 @@ class BlockDiffusionCoreAttention(MegatronModule):
             attention_mask = attention_mask.attention_layout
         seq = query.shape[0]
         if isinstance(attention_mask, AttentionLayout):
-            if attention_mask.total_length != seq:
-                raise ValueError(f"layout expects {attention_mask.total_length} tokens, got {seq}")
+            if attention_mask.local_length != seq:
+                raise ValueError(f"layout expects {attention_mask.local_length} tokens, got {seq}")
             positions = attention_mask.positions(query.device)
         else:
             positions = torch.arange(seq, device=query.device)
         cache = attention_mask.cache if isinstance(attention_mask, AttentionLayout) else None
         query = self._apply_rotary(query, positions, cache)
         key = self._apply_rotary(key, positions, cache)
+        shard = attention_mask.shard if isinstance(attention_mask, AttentionLayout) else None
+        if shard is not None:
+            key, value = gather_sequence(key, shard.group), gather_sequence(value, shard.group)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        if isinstance(attention_mask, AttentionLayout):
+        if shard is not None:
+            out = sharded_attention(
+                q, k, v, layout=attention_mask.layout, seq_len=attention_mask.seq_len,
+                block_size=attention_mask.block_size, shard=shard, document_ids=attention_mask.document_ids,
+                kernel=attention_mask.kernel, scale=self.softmax_scale, cache=attention_mask.cache,
+            )
+        elif isinstance(attention_mask, AttentionLayout):
             out = block_diffusion_attention(
                 q, k, v, layout=attention_mask.layout, block_size=attention_mask.block_size,
                 seq_len=attention_mask.seq_len, document_ids=attention_mask.document_ids,

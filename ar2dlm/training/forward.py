@@ -9,11 +9,12 @@ baseline is chosen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from ar2dlm.model.context_parallel import ContextShard
 from ar2dlm.model.core_attention import AttentionLayout, LayoutTensor, layout_tensor
 from ar2dlm.model.masks import doubled_layout
 from ar2dlm.training.loss import (
@@ -54,7 +55,11 @@ class PreparedBatch:
     layout: AttentionLayout
     noise: NoiseDraw | None
     ar_mask: Tensor | None
-    maskable: int
+    loss_mask: Tensor  # [B, L]: positions that may be masked / are trained on
+
+    @property
+    def maskable(self) -> int:
+        return int(self.loss_mask.sum())
 
     @property
     def loss_tokens(self) -> Tensor:
@@ -75,21 +80,36 @@ def prepare_batch(batch, step: int, settings: ObjectiveSettings) -> PreparedBatc
     layout = AttentionLayout(layout_name, length, settings.noise.block_size, documents, settings.attention_kernel)
     if layout_name == "causal":
         labels = doubled_labels(x0, settings.pad_id)[:, length:]
-        return PreparedBatch(x0, labels, layout, None, ar_target_mask(loss_mask, documents), int(loss_mask.sum()))
+        return PreparedBatch(x0, labels, layout, None, ar_target_mask(loss_mask, documents), loss_mask)
     noise = sample_noise(x0, batch.sample_index, step, settings.seed, settings.noise, loss_mask, documents)
     if layout_name == "bidirectional":
-        return PreparedBatch(noise.noisy_ids, x0, layout, noise, None, int(loss_mask.sum()))
+        return PreparedBatch(noise.noisy_ids, x0, layout, noise, None, loss_mask)
     ar_mask = ar_target_mask(loss_mask, documents) if settings.weights.ar > 0 else None
     inputs = torch.cat([noise.noisy_ids, x0], dim=1)
-    return PreparedBatch(inputs, doubled_labels(x0, settings.pad_id), layout, noise, ar_mask, int(loss_mask.sum()))
+    return PreparedBatch(inputs, doubled_labels(x0, settings.pad_id), layout, noise, ar_mask, loss_mask)
+
+
+def shard_for_context_parallel(prepared: PreparedBatch, group) -> PreparedBatch:
+    """This context-parallel rank's tokens of a micro-batch (see :mod:`ar2dlm.model.context_parallel`)."""
+    layout = prepared.layout
+    shard = ContextShard.of_rank(layout.layout, layout.seq_len, group)
+    positions, tokens = shard.positions, shard.token_index
+    noise = prepared.noise
+    if noise is not None:
+        noise = replace(noise, noisy_ids=noise.noisy_ids[:, positions], masked=noise.masked[:, positions],
+                        weight=noise.weight[:, positions], rate=noise.rate[:, positions])
+    return PreparedBatch(
+        input_ids=prepared.input_ids[:, tokens], labels=prepared.labels[:, tokens], layout=replace(layout, shard=shard),
+        noise=noise, ar_mask=None if prepared.ar_mask is None else prepared.ar_mask[:, positions],
+        loss_mask=prepared.loss_mask[:, positions],
+    )
 
 
 def model_inputs(prepared: PreparedBatch, device: torch.device) -> tuple[Tensor, Tensor, LayoutTensor]:
     """input ids, labels and attention layout (as the model's attention mask) of a micro-batch, on ``device``."""
     layout = prepared.layout
     if layout.document_ids is not None:
-        layout = AttentionLayout(layout.layout, layout.seq_len, layout.block_size,
-                                 layout.document_ids.to(device), layout.kernel)
+        layout = replace(layout, document_ids=layout.document_ids.to(device), cache={})
     return prepared.input_ids.to(device), prepared.labels.to(device), layout_tensor(layout)
 
 

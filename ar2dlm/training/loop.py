@@ -25,13 +25,17 @@ from ar2dlm.training.checkpointing import (
     save_training_checkpoint,
 )
 from ar2dlm.training.data_parallel import wrap_data_parallel
-from ar2dlm.training.forward import ObjectiveSettings, prepare_batch
+from ar2dlm.training.forward import (
+    ObjectiveSettings,
+    PreparedBatch,
+    prepare_batch,
+    shard_for_context_parallel,
+)
 from ar2dlm.training.loss import objective_weights
 from ar2dlm.training.noise import NoiseConfig
 from ar2dlm.training.optim import build_optimizer, build_scheduler
 from ar2dlm.training.parallel_setup import (
     PRECISION_DTYPES,
-    check_layout_supported,
     configure_provider,
 )
 from ar2dlm.training.schedule import forward_backward
@@ -77,6 +81,8 @@ class Trainer:
             seed=cfg.seed, pad_id=int(pad_id or 0),
         )
         self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.cp_group = (parallel_state.get_context_parallel_group()
+                         if parallel_state.get_context_parallel_world_size() > 1 else None)
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.dp_rank, self.dp_size = dp_rank, dp_size
         train_set, self.validation_set = build_datasets(cfg.data, self.tokenizer, seq_length=seq_length,
@@ -122,12 +128,16 @@ class Trainer:
                                         self.metadata, self.hf_dir, self.cfg.checkpoint.keep_last)
         logger.info("saved checkpoint %s", path)
 
+    def _prepare(self, batch, step: int) -> PreparedBatch:
+        prepared = prepare_batch(batch, step, self.settings)
+        return prepared if self.cp_group is None else shard_for_context_parallel(prepared, self.cp_group)
+
     def _train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; the loss is averaged over all tokens of all ranks."""
         started = time.perf_counter()
         for chunk in self.model:
             chunk.train()
-        prepared = [prepare_batch(batch, step, self.settings) for batch in self.loader.next_step()]
+        prepared = [self._prepare(batch, step) for batch in self.loader.next_step()]
         global_tokens = torch.stack([p.loss_tokens for p in prepared]).sum()
         maskable = torch.tensor(float(sum(p.maskable for p in prepared)), dtype=torch.float64)
         counts = torch.stack([global_tokens, maskable])
@@ -162,7 +172,7 @@ class Trainer:
             return None
         for chunk in self.model:
             chunk.eval()
-        batches = [prepare_batch(batch, 0, self.settings)
+        batches = [self._prepare(batch, 0)
                    for batch in eval_batches(self.validation_set, micro_batch_size=self.cfg.train.micro_batch_size,
                                              dp_rank=self.dp_rank, dp_size=self.dp_size)]
         with torch.no_grad():
@@ -209,7 +219,6 @@ def run_train(cfg: DictConfig) -> int:
     """CLI entry point of `ar2dlm train`."""
     if not (cfg.resume and latest_checkpoint(Path(cfg.output)) is not None):
         read_metadata(cfg.init)  # a bad init is one clear error before process groups start
-    check_layout_supported(cfg.parallel)
     init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)
     history = Trainer(cfg).fit()
     if history and is_rank_zero():

@@ -11,13 +11,6 @@ from ar2dlm.errors import UserError
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def check_layout_supported(parallel: DictConfig) -> None:
-    """Refuse, with the reason, layouts this machine or the attention cannot run."""
-    if parallel.context > 1:
-        raise UserError("parallel.context > 1 is not supported yet: the block-diffusion attention has no "
-                        "context-parallel (ring) implementation")
-
-
 def configure_provider(provider, cfg: DictConfig):
     """Apply the run's layout and precision to a megatron-bridge provider (before the model is built)."""
     parallel, train = cfg.parallel, cfg.train

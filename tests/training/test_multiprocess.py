@@ -84,3 +84,13 @@ def test_tensor_parallel_2_equals_1_with_qk_norms(setup):
     two = setup(2, "tp2", "train.steps=4", "train.micro_batch_size=2", "parallel.tensor=2",
                 "checkpoint.save_interval=0")
     _assert_same_curve(one, two)
+
+
+@pytest.mark.parametrize("objective", ["joint", pytest.param("ar", marks=pytest.mark.multiprocess)])
+def test_context_parallel_2_equals_1(setup, objective):
+    """Each rank holds a quarter and three quarters of the sequence and gathers keys/values for attention."""
+    one = setup(1, "cp1", "train.steps=3", "train.micro_batch_size=2", "checkpoint.save_interval=0",
+                f"train.objective={objective}")
+    two = setup(2, "cp2", "train.steps=3", "train.micro_batch_size=2", "parallel.context=2",
+                "checkpoint.save_interval=0", f"train.objective={objective}")
+    _assert_same_curve(one, two)

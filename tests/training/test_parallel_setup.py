@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 from ar2dlm.config import compose_stage
 from ar2dlm.errors import UserError
 from ar2dlm.training import parallel_setup
-from ar2dlm.training.parallel_setup import check_layout_supported, configure_provider
+from ar2dlm.training.parallel_setup import configure_provider
 
 
 class _Provider:
@@ -38,9 +38,3 @@ def test_fp8_settings_reach_the_model_config_on_a_gpu(monkeypatch, fp8, recipe):
     cfg = OmegaConf.merge(_cfg(), {"train": {"fp8": fp8, "fp8_recipe": recipe, "precision": "bf16"}})
     provider = configure_provider(_Provider(), cfg)
     assert (provider.fp8, provider.fp8_recipe, provider.fp8_param) == (fp8, recipe, False)
-
-
-def test_unsupported_layouts_say_why():
-    with pytest.raises(UserError, match="no context-parallel"):
-        check_layout_supported(OmegaConf.create({"context": 2, "pipeline": 1}))
-    check_layout_supported(OmegaConf.create({"context": 1, "pipeline": 1}))
