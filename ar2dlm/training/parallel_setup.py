@@ -19,6 +19,9 @@ def configure_provider(provider, cfg: DictConfig):
     provider.context_parallel_size = parallel.context
     provider.sequence_parallel = parallel.sequence_parallel
     provider.calculate_per_token_loss = True  # the loss is summed and divided by the global token count
+    if parallel.sequence_parallel and not cuda_available():
+        raise UserError("parallel.sequence_parallel needs a GPU: megatron-core's CPU layer norm (torch) does not "
+                        "support sequence parallelism")
     if train.fp8 is not None:
         if not cuda_available():
             raise UserError(f"train.fp8={train.fp8} needs a CUDA GPU with Transformer Engine")

@@ -94,3 +94,15 @@ def test_context_parallel_2_equals_1(setup, objective):
     two = setup(2, "cp2", "train.steps=3", "train.micro_batch_size=2", "parallel.context=2",
                 "checkpoint.save_interval=0", f"train.objective={objective}")
     _assert_same_curve(one, two)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("setup", [("Qwen3ForCausalLM", True)], indirect=True, ids=["qwen3-tied"])
+@pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.context=2"],
+                                    ["parallel.pipeline=2", "parallel.context=2"],
+                                    ["parallel.pipeline=2", "train.micro_batch_size=1"]],
+                         ids=["tp2-cp2", "pp2-cp2", "pp2-dp2"])
+def test_four_process_layouts_equal_one_process(setup, layout):
+    one = setup(1, "one", "train.steps=3", "train.micro_batch_size=2", "checkpoint.save_interval=0")
+    four = setup(4, "four", "train.steps=3", "train.micro_batch_size=2", "checkpoint.save_interval=0", *layout)
+    _assert_same_curve(one, four)

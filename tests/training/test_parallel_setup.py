@@ -38,3 +38,10 @@ def test_fp8_settings_reach_the_model_config_on_a_gpu(monkeypatch, fp8, recipe):
     cfg = OmegaConf.merge(_cfg(), {"train": {"fp8": fp8, "fp8_recipe": recipe, "precision": "bf16"}})
     provider = configure_provider(_Provider(), cfg)
     assert (provider.fp8, provider.fp8_recipe, provider.fp8_param) == (fp8, recipe, False)
+
+
+def test_sequence_parallel_is_refused_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(parallel_setup, "cuda_available", lambda: False)
+    cfg = OmegaConf.merge(_cfg(), {"parallel": {"tensor": 2, "sequence_parallel": True}})
+    with pytest.raises(UserError, match="sequence_parallel needs a GPU"):
+        configure_provider(_Provider(), cfg)
