@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHON": sys.executable}
 
 
-@pytest.fixture(params=[("LlamaForCausalLM", False)], ids=["llama"])
+@pytest.fixture(params=[("LlamaForCausalLM", False)], ids=["llama"])  # (architecture, tied embeddings)
 def setup(request, make_tiny_hf, tmp_path, megatron_ready):
     architecture, tied = request.param
     convert(make_tiny_hf(architecture, tied=tied, num_layers=2), tmp_path / "converted")
@@ -43,66 +43,39 @@ def _assert_same_curve(a: list[dict], b: list[dict]) -> None:
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
 
 
-def test_data_parallel_2_equals_1(setup):
-    one = setup(1, "dp1", "train.steps=4", "train.micro_batch_size=1", "checkpoint.save_interval=0")
-    two = setup(2, "dp2", "train.steps=4", "train.micro_batch_size=1", "checkpoint.save_interval=0")
-    _assert_same_curve(one, two)
+LLAMA, QWEN3, QWEN3_TIED = ("LlamaForCausalLM", False), ("Qwen3ForCausalLM", False), ("Qwen3ForCausalLM", True)
+MULTIPROCESS = pytest.mark.multiprocess
+
+
+@pytest.mark.parametrize("setup, nproc, layout", [
+    pytest.param(LLAMA, 2, ["train.micro_batch_size=1"], id="dp2"),
+    pytest.param(LLAMA, 2, ["parallel.tensor=2"], id="tp2", marks=MULTIPROCESS),
+    # q/k norm weights see only the local heads: their gradients are summed over tensor ranks
+    pytest.param(QWEN3, 2, ["parallel.tensor=2"], id="tp2-qk-norms", marks=MULTIPROCESS),
+    # 1F1B over 2 micro-batches; the tied embedding's gradient is shared by the first and last stage
+    pytest.param(QWEN3_TIED, 2, ["parallel.pipeline=2"], id="pp2-tied"),
+    # each rank holds two of four chunks of both streams and gathers keys/values for attention
+    pytest.param(LLAMA, 2, ["parallel.context=2"], id="cp2"),
+    pytest.param(QWEN3_TIED, 4, ["parallel.tensor=2", "parallel.context=2"], id="tp2-cp2", marks=MULTIPROCESS),
+    pytest.param(QWEN3_TIED, 4, ["parallel.pipeline=2", "parallel.context=2"], id="pp2-cp2", marks=MULTIPROCESS),
+    pytest.param(QWEN3_TIED, 4, ["parallel.pipeline=2", "train.micro_batch_size=1"], id="pp2-dp2",
+                 marks=MULTIPROCESS),
+], indirect=["setup"])
+@pytest.mark.parametrize("objective", ["joint", pytest.param("ar", marks=MULTIPROCESS)])
+def test_parallel_layout_gives_the_single_process_curve(setup, nproc, layout, objective):
+    common = ["train.steps=3", "train.micro_batch_size=2", "checkpoint.save_interval=0", f"train.objective={objective}"]
+    one = setup(1, "one", *common)
+    many = setup(nproc, "many", *common, *layout)
+    _assert_same_curve(one, many)
 
 
 @pytest.mark.multiprocess
-def test_tensor_parallel_2_equals_1(setup):
-    one = setup(1, "tp1", "train.steps=4", "train.micro_batch_size=2", "checkpoint.save_interval=0")
-    two = setup(2, "tp2", "train.steps=4", "train.micro_batch_size=2", "parallel.tensor=2",
-                "checkpoint.save_interval=0")
-    _assert_same_curve(one, two)
-
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", [["parallel.tensor=2", "train.micro_batch_size=2"], ["train.micro_batch_size=1"]],
-                         ids=["tp2", "dp2"])
+@pytest.mark.parametrize("layout", [["parallel.tensor=2", "train.micro_batch_size=2"], ["train.micro_batch_size=1"],
+                                    ["parallel.pipeline=2", "train.micro_batch_size=2"],
+                                    ["parallel.context=2", "train.micro_batch_size=2"]],
+                         ids=["tp2", "dp2", "pp2", "cp2"])
 def test_checkpoint_from_two_processes_resumes_in_one(setup, layout):
     reference = setup(1, "reference", "train.steps=4", "train.micro_batch_size=2", "checkpoint.save_interval=0")
     setup(2, "run", "train.steps=2", "checkpoint.save_interval=2", *layout)
     resumed = setup(1, "run", "train.steps=4", "train.micro_batch_size=2", "resume=true")
     _assert_same_curve(resumed[2:], reference[2:])
-
-
-@pytest.mark.parametrize("setup", [("Qwen3ForCausalLM", True)], indirect=True, ids=["qwen3-tied"])
-def test_pipeline_parallel_2_equals_1(setup):
-    """Two stages, 1F1B over 2 micro-batches; the tied embedding's gradient is shared by both stages."""
-    one = setup(1, "pp1", "train.steps=4", "train.micro_batch_size=2", "checkpoint.save_interval=0")
-    two = setup(2, "pp2", "train.steps=4", "train.micro_batch_size=2", "parallel.pipeline=2",
-                "checkpoint.save_interval=0")
-    _assert_same_curve(one, two)
-
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("setup", [("Qwen3ForCausalLM", False)], indirect=True, ids=["qwen3"])
-def test_tensor_parallel_2_equals_1_with_qk_norms(setup):
-    """q/k norm weights see only the local heads; their gradients must be summed over tensor ranks."""
-    one = setup(1, "tp1", "train.steps=4", "train.micro_batch_size=2", "checkpoint.save_interval=0")
-    two = setup(2, "tp2", "train.steps=4", "train.micro_batch_size=2", "parallel.tensor=2",
-                "checkpoint.save_interval=0")
-    _assert_same_curve(one, two)
-
-
-@pytest.mark.parametrize("objective", ["joint", pytest.param("ar", marks=pytest.mark.multiprocess)])
-def test_context_parallel_2_equals_1(setup, objective):
-    """Each rank holds a quarter and three quarters of the sequence and gathers keys/values for attention."""
-    one = setup(1, "cp1", "train.steps=3", "train.micro_batch_size=2", "checkpoint.save_interval=0",
-                f"train.objective={objective}")
-    two = setup(2, "cp2", "train.steps=3", "train.micro_batch_size=2", "parallel.context=2",
-                "checkpoint.save_interval=0", f"train.objective={objective}")
-    _assert_same_curve(one, two)
-
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("setup", [("Qwen3ForCausalLM", True)], indirect=True, ids=["qwen3-tied"])
-@pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.context=2"],
-                                    ["parallel.pipeline=2", "parallel.context=2"],
-                                    ["parallel.pipeline=2", "train.micro_batch_size=1"]],
-                         ids=["tp2-cp2", "pp2-cp2", "pp2-dp2"])
-def test_four_process_layouts_equal_one_process(setup, layout):
-    one = setup(1, "one", "train.steps=3", "train.micro_batch_size=2", "checkpoint.save_interval=0")
-    four = setup(4, "four", "train.steps=3", "train.micro_batch_size=2", "checkpoint.save_interval=0", *layout)
-    _assert_same_curve(one, four)
