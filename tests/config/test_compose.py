@@ -111,3 +111,11 @@ def test_stage_keys_list_every_leaf_with_its_default():
 def test_recipes_dir_holds_a_config_per_stage():
     for stage in STAGE_SCHEMAS:
         assert (recipes_dir() / f"{stage}.yaml").is_file()
+
+
+def test_context_parallel_needs_two_chunks_per_rank(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"data.seq_length=36 must be a multiple of 2 x parallel.context = 8"):
+        compose_stage("train", REQUIRED["train"] + ["data.seq_length=36", "diffusion.block_size=4",
+                                                    "parallel.context=4", "train.global_batch_size=4",
+                                                    "train.micro_batch_size=1"])
