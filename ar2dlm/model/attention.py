@@ -6,8 +6,9 @@ Kernels (all compute the same result; the mask rules live in :mod:`ar2dlm.model.
   torch has no FlexAttention backward on CPU, so CPU use is forward-only.
 - ``"sdpa"``: ``scaled_dot_product_attention`` with the dense boolean mask (CPU training path).
 - ``"split"``: doubled layouts only. The clean half is attended on its own (plain causal SDPA for
-  ``doubled_causal`` without documents), the noisy half as L queries against all 2L keys; the
-  result equals ``"sdpa"`` with less work than the 2L x 2L dense mask.
+  ``doubled_causal`` without documents); the noisy half in query chunks of whole blocks (about L/8
+  tokens each, at least 256), each against only the clean keys before the chunk's end and the noisy
+  keys of its own blocks. The result equals ``"sdpa"`` at a fraction of the 2L x 2L dense work.
 - ``"auto"``: ``"flex"`` on CUDA; on CPU ``"split"`` for doubled layouts, else ``"sdpa"`` (eager
   CPU flex materialises the full score matrix and is an order of magnitude slower than SDPA).
 """
@@ -170,12 +171,39 @@ def _sdpa_mask(
     return _document_mask(layout, seq_len, block_size, document_ids, device, cache)
 
 
+# The split kernel runs the noisy queries in about _NOISY_CHUNKS chunks of at least _MIN_CHUNK tokens
+# (on CPU, smaller chunks cost more in per-call overhead than they save in masked work).
+_NOISY_CHUNKS = 8
+_MIN_CHUNK = 256
+
+
+def _noisy_chunks(seq_len: int, block_size: int, documents: bool) -> list[tuple[int, int, int, int]]:
+    """(q0, q1, k0, k1) per chunk: noisy queries [q0, q1) read clean keys [0, q1) and noisy keys [k0, k1).
+
+    Chunks are runs of whole blocks. A noisy query reads noisy keys of its own block and clean keys
+    of earlier blocks (so before itself). With documents, blocks count from each document's start
+    and may straddle a chunk edge: the noisy window then widens by block_size - 1 on both sides.
+    """
+    step = block_size * max(-(-(seq_len // block_size) // _NOISY_CHUNKS), -(-_MIN_CHUNK // block_size))
+    pad = block_size - 1 if documents else 0
+    return [(q0, min(q0 + step, seq_len), max(q0 - pad, 0), min(q0 + step + pad, seq_len))
+            for q0 in range(0, seq_len, step)]
+
+
+def _split_masks(full: Tensor, seq_len: int, block_size: int, documents: bool) -> tuple[Tensor, list]:
+    """Cut the doubled mask ([S, S] or [batch, 1, S, S]) into the clean-row mask and, per noisy chunk,
+    ``(q0, q1, k0, k1), mask`` with the columns in key order: clean [0, q1), then noisy [k0, k1)."""
+    n = seq_len
+    chunks = [((q0, q1, k0, k1), torch.cat([full[..., q0:q1, n:n + q1], full[..., q0:q1, k0:k1]], dim=-1))
+              for q0, q1, k0, k1 in _noisy_chunks(n, block_size, documents)]
+    return full[..., n:, n:].contiguous(), chunks
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_split_masks(
     layout: Layout, seq_len: int, block_size: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    full = dense_mask(layout, seq_len, block_size, device=device)
-    return full[:seq_len].contiguous(), full[seq_len:, seq_len:].contiguous()
+) -> tuple[Tensor, list]:
+    return _split_masks(dense_mask(layout, seq_len, block_size, device=device), seq_len, block_size, False)
 
 
 def _split_attention(
@@ -190,24 +218,24 @@ def _split_attention(
     gqa: bool,
     cache: dict,
 ) -> Tensor:
-    """Doubled layouts: noisy rows (L x 2L mask) and clean rows (L x L, never see noisy keys) apart."""
+    """Doubled layouts: clean rows (L x L, never see noisy keys) apart, noisy rows chunk by chunk."""
     n = seq_len
     if document_ids is None:
-        noisy_mask, clean_mask = _cached_split_masks(layout, seq_len, block_size, query.device)
+        clean_mask, chunks = _cached_split_masks(layout, n, block_size, query.device)
     else:
-        full = _document_mask(layout, seq_len, block_size, document_ids, query.device, cache)
-        noisy_mask, clean_mask = full[..., :n, :], full[..., n:, n:]
-    q_noisy, q_clean = query[..., :n, :], query[..., n:, :]
+        full = _document_mask(layout, n, block_size, document_ids, query.device, cache)
+        clean_mask, chunks = _memo(cache, ("split", query.device), lambda: _split_masks(full, n, block_size, True))
+    sdpa = functools.partial(F.scaled_dot_product_attention, scale=scale, enable_gqa=gqa)
     k_clean, v_clean = key[..., n:, :], value[..., n:, :]
     if layout == "doubled_causal" and document_ids is None:
-        clean = F.scaled_dot_product_attention(
-            q_clean, k_clean, v_clean, is_causal=True, scale=scale, enable_gqa=gqa
-        )
+        clean = sdpa(query[..., n:, :], k_clean, v_clean, is_causal=True)
     else:
-        clean = F.scaled_dot_product_attention(
-            q_clean, k_clean, v_clean, attn_mask=clean_mask, scale=scale, enable_gqa=gqa
-        )
-    noisy = F.scaled_dot_product_attention(
-        q_noisy, key, value, attn_mask=noisy_mask, scale=scale, enable_gqa=gqa
-    )
-    return torch.cat([noisy, clean], dim=-2)
+        clean = sdpa(query[..., n:, :], k_clean, v_clean, attn_mask=clean_mask)
+    noisy = [
+        sdpa(query[..., q0:q1, :],
+             torch.cat([k_clean[..., :q1, :], key[..., k0:k1, :]], dim=-2),
+             torch.cat([v_clean[..., :q1, :], value[..., k0:k1, :]], dim=-2),
+             attn_mask=mask)
+        for (q0, q1, k0, k1), mask in chunks
+    ]
+    return torch.cat([*noisy, clean], dim=-2)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from ar2dlm.model import attention
 from ar2dlm.model.attention import block_diffusion_attention, select_kernel
 from ar2dlm.model.masks import dense_mask, total_length
 
@@ -85,32 +86,95 @@ def test_sdpa_equals_hand_written_attention(layout: str) -> None:
     torch.testing.assert_close(out, reference_attention(q, k, v, mask, scale), atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "layout,kv_heads,with_docs",
-    [
-        ("doubled_causal", 4, False),
-        ("doubled_causal", 1, False),
-        ("doubled_causal", 2, True),
-        ("doubled_block_causal", 2, False),
-        ("doubled_block_causal", 4, True),
-    ],
-)
-def test_split_equals_sdpa_forward_and_gradients(layout: str, kv_heads: int, with_docs: bool) -> None:
+def unaligned_ids(batch: int, seq_len: int, block_size: int) -> torch.Tensor:
+    """Documents starting off the block grid (row 0) and at every chunk-edge offset (row 1)."""
+    pos = torch.arange(seq_len)
+    rows = [(pos + block_size // 2 + 1) // (3 * block_size + 1), (pos * 7) // (2 * block_size + 3)]
+    return torch.stack([rows[i % 2] for i in range(batch)])
+
+
+def doc_ids(kind: str | None, seq_len: int, block_size: int, batch: int = 2) -> torch.Tensor | None:
+    if kind is None:
+        return None
+    return packed_ids(batch, seq_len) if kind == "random" else unaligned_ids(batch, seq_len, block_size)
+
+
+@pytest.fixture(params=["default", "one block"])
+def split_chunking(request, monkeypatch):
+    """The split kernel's chunking as shipped (one chunk below 256 tokens) and down to one block per chunk."""
+    if request.param == "one block":
+        monkeypatch.setattr(attention, "_MIN_CHUNK", 1)
+    attention._cached_split_masks.cache_clear()
+    yield request.param
+    attention._cached_split_masks.cache_clear()
+
+
+SPLIT_CASES = [  # (layout, seq_len, block_size, kv_heads, documents); with one-block chunks allowed:
+    # at most 8 chunks, uneven from 9 blocks
+    ("doubled_causal", 32, 8, 4, None),
+    ("doubled_causal", 32, 8, 1, None),
+    ("doubled_causal", 8, 8, 2, None),  # L = B: one chunk of one block
+    ("doubled_causal", 24, 8, 2, "random"),  # L = 3B
+    ("doubled_causal", 40, 8, 4, "unaligned"),
+    ("doubled_causal", 40, 2, 2, None),  # 20 blocks: chunks of 3 blocks, the last of 2
+    ("doubled_causal", 72, 4, 1, "unaligned"),
+    ("doubled_causal", 96, 4, 2, "random"),
+    ("doubled_block_causal", 32, 8, 2, None),
+    ("doubled_block_causal", 8, 8, 4, "random"),
+    ("doubled_block_causal", 24, 8, 1, None),
+    ("doubled_block_causal", 40, 8, 4, "random"),
+    ("doubled_block_causal", 40, 2, 2, "unaligned"),
+    ("doubled_block_causal", 72, 4, 2, None),
+    ("doubled_causal", 520, 8, 2, "unaligned"),  # several chunks as shipped too
+    ("doubled_block_causal", 520, 8, 1, None),
+]
+
+
+@pytest.mark.parametrize("layout,seq_len,block_size,kv_heads,docs_kind", SPLIT_CASES)
+def test_split_equals_sdpa_forward_and_gradients(
+    layout: str, seq_len: int, block_size: int, kv_heads: int, docs_kind: str | None, split_chunking: str
+) -> None:
     torch.manual_seed(2)
-    seq_len, block_size = 32, 8
     base = make_qkv(layout, seq_len, q_heads=4, kv_heads=kv_heads, dtype=torch.float64)
-    docs = packed_ids(2, seq_len) if with_docs else None
+    docs = doc_ids(docs_kind, seq_len, block_size)
     grad_out = torch.randn(2, 4, 2 * seq_len, 16, dtype=torch.float64)
     results = {}
     for kernel in ("sdpa", "split"):
         qkv = [t.clone().requires_grad_() for t in base]
         out = block_diffusion_attention(
-            *qkv, layout=layout, block_size=block_size, seq_len=seq_len, document_ids=docs, kernel=kernel
+            *qkv, layout=layout, block_size=block_size, seq_len=seq_len, document_ids=docs, kernel=kernel,
+            scale=0.2,
         )
         out.backward(grad_out)
         results[kernel] = [out.detach()] + [t.grad for t in qkv]
     for got, want in zip(results["split"], results["sdpa"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["doubled_causal", "doubled_block_causal"])
+@pytest.mark.parametrize("seq_len,block_size", [(8, 8), (24, 8), (40, 8), (40, 2), (72, 4), (96, 4), (520, 8)])
+@pytest.mark.parametrize("docs_kind", [None, "random", "unaligned"])
+def test_split_chunks_drop_no_allowed_key(
+    layout: str, seq_len: int, block_size: int, docs_kind, split_chunking: str
+) -> None:
+    """Each noisy chunk keeps every key its rows may see (itself included), so no row is all-masked."""
+    torch.manual_seed(8)
+    docs = doc_ids(docs_kind, seq_len, block_size)
+    full = dense_mask(layout, seq_len, block_size, docs)
+    full = full[None] if docs is None else full
+    _, chunks = attention._split_masks(full, seq_len, block_size, documents=docs is not None)
+    covered = 0
+    for (q0, q1, k0, k1), mask in chunks:
+        assert q0 == covered and q0 % block_size == 0 and q1 > q0
+        covered = q1
+        rows = full[:, q0:q1]
+        kept = rows[..., seq_len : seq_len + q1].sum() + rows[..., k0:k1].sum()
+        assert kept == rows.sum() == mask.sum()  # nothing allowed lies outside the chosen keys
+        assert mask.any(dim=-1).all()
+        own = torch.arange(q0, q1)
+        assert mask[..., own - q0, q1 + own - k0].all()  # the noisy self key
+    assert covered == seq_len and len(chunks) <= 8
+    assert split_chunking != "default" or len(chunks) == 1 + (seq_len - 1) // 256
 
 
 def test_clean_half_is_a_plain_causal_forward() -> None:
