@@ -226,16 +226,25 @@ def _split_attention(
         full = _document_mask(layout, n, block_size, document_ids, query.device, cache)
         clean_mask, chunks = _memo(cache, ("split", query.device), lambda: _split_masks(full, n, block_size, True))
     sdpa = functools.partial(F.scaled_dot_product_attention, scale=scale, enable_gqa=gqa)
-    k_clean, v_clean = key[..., n:, :], value[..., n:, :]
+    bounds = [bound for bound, _ in chunks]
+    # One split and one gather each (rather than a slice per chunk): their backward passes then
+    # build each input gradient in one buffer instead of one zero-filled copy per chunk.
+    *noisy_queries, clean_queries = query.split([q1 - q0 for q0, q1, _, _ in bounds] + [n], dim=-2)
+    (_, k_clean), (_, v_clean) = key.split(n, dim=-2), value.split(n, dim=-2)
+    index, sizes = _chunk_key_index(tuple(bounds), n, query.device)
+    chunk_keys, chunk_values = key.index_select(-2, index).split(sizes, -2), value.index_select(-2, index).split(sizes, -2)
     if layout == "doubled_causal" and document_ids is None:
-        clean = sdpa(query[..., n:, :], k_clean, v_clean, is_causal=True)
+        clean = sdpa(clean_queries, k_clean, v_clean, is_causal=True)
     else:
-        clean = sdpa(query[..., n:, :], k_clean, v_clean, attn_mask=clean_mask)
-    noisy = [
-        sdpa(query[..., q0:q1, :],
-             torch.cat([k_clean[..., :q1, :], key[..., k0:k1, :]], dim=-2),
-             torch.cat([v_clean[..., :q1, :], value[..., k0:k1, :]], dim=-2),
-             attn_mask=mask)
-        for (q0, q1, k0, k1), mask in chunks
-    ]
+        clean = sdpa(clean_queries, k_clean, v_clean, attn_mask=clean_mask)
+    noisy = [sdpa(q, k, v, attn_mask=mask)
+             for q, k, v, (_, mask) in zip(noisy_queries, chunk_keys, chunk_values, chunks, strict=True)]
     return torch.cat([*noisy, clean], dim=-2)
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_key_index(bounds: tuple, seq_len: int, device: torch.device) -> tuple[Tensor, list[int]]:
+    """Doubled-sequence key positions of every noisy chunk, back to back (clean [0, q1) then noisy [k0, k1)),
+    and the number per chunk."""
+    parts = [torch.cat([torch.arange(seq_len, seq_len + q1), torch.arange(k0, k1)]) for _, q1, k0, k1 in bounds]
+    return torch.cat(parts).to(device), [len(part) for part in parts]
