@@ -16,7 +16,7 @@ Kernels (all compute the same result; the mask rules live in :mod:`ar2dlm.model.
 from __future__ import annotations
 
 import functools
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -190,20 +190,31 @@ def _noisy_chunks(seq_len: int, block_size: int, documents: bool) -> list[tuple[
             for q0 in range(0, seq_len, step)]
 
 
-def _split_masks(full: Tensor, seq_len: int, block_size: int, documents: bool) -> tuple[Tensor, list]:
-    """Cut the doubled mask ([S, S] or [batch, 1, S, S]) into the clean-row mask and, per noisy chunk,
-    ``(q0, q1, k0, k1), mask`` with the columns in key order: clean [0, q1), then noisy [k0, k1)."""
+class _SplitPlan(NamedTuple):
+    """How the split kernel cuts one doubled layout (built once per layout, or per forward with documents)."""
+
+    clean_mask: Tensor  # the clean rows' mask over clean keys
+    chunks: list  # ((q0, q1, k0, k1), mask) per noisy chunk; mask columns follow the chunk's keys
+    query_sizes: list[int]  # the noisy chunks' lengths, then seq_len (the clean rows)
+    key_index: Tensor  # doubled-sequence positions of every chunk's keys (clean [0, q1), noisy [k0, k1)), back to back
+    key_sizes: list[int]
+
+
+def _split_plan(full: Tensor, seq_len: int, block_size: int, documents: bool) -> _SplitPlan:
+    """Cut the doubled mask ([S, S] or [batch, 1, S, S]) into the clean-row mask and one mask per noisy chunk,
+    whose columns are picked by the same key index that gathers the chunk's keys."""
     n = seq_len
-    chunks = [((q0, q1, k0, k1), torch.cat([full[..., q0:q1, n:n + q1], full[..., q0:q1, k0:k1]], dim=-1))
-              for q0, q1, k0, k1 in _noisy_chunks(n, block_size, documents)]
-    return full[..., n:, n:].contiguous(), chunks
+    bounds = _noisy_chunks(n, block_size, documents)
+    keys = [torch.cat([torch.arange(n, n + q1), torch.arange(k0, k1)]).to(full.device) for _, q1, k0, k1 in bounds]
+    chunks = [(bound, full[..., bound[0]:bound[1], :].index_select(-1, index))
+              for bound, index in zip(bounds, keys, strict=True)]
+    return _SplitPlan(full[..., n:, n:].contiguous(), chunks, [q1 - q0 for q0, q1, _, _ in bounds] + [n],
+                      torch.cat(keys), [len(index) for index in keys])
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_split_masks(
-    layout: Layout, seq_len: int, block_size: int, device: torch.device
-) -> tuple[Tensor, list]:
-    return _split_masks(dense_mask(layout, seq_len, block_size, device=device), seq_len, block_size, False)
+def _cached_split_plan(layout: Layout, seq_len: int, block_size: int, device: torch.device) -> _SplitPlan:
+    return _split_plan(dense_mask(layout, seq_len, block_size, device=device), seq_len, block_size, False)
 
 
 def _split_attention(
@@ -221,30 +232,21 @@ def _split_attention(
     """Doubled layouts: clean rows (L x L, never see noisy keys) apart, noisy rows chunk by chunk."""
     n = seq_len
     if document_ids is None:
-        clean_mask, chunks = _cached_split_masks(layout, n, block_size, query.device)
+        plan = _cached_split_plan(layout, n, block_size, query.device)
     else:
         full = _document_mask(layout, n, block_size, document_ids, query.device, cache)
-        clean_mask, chunks = _memo(cache, ("split", query.device), lambda: _split_masks(full, n, block_size, True))
+        plan = _memo(cache, ("split", query.device), lambda: _split_plan(full, n, block_size, True))
     sdpa = functools.partial(F.scaled_dot_product_attention, scale=scale, enable_gqa=gqa)
-    bounds = [bound for bound, _ in chunks]
     # One split and one gather each (rather than a slice per chunk): their backward passes then
     # build each input gradient in one buffer instead of one zero-filled copy per chunk.
-    *noisy_queries, clean_queries = query.split([q1 - q0 for q0, q1, _, _ in bounds] + [n], dim=-2)
+    *noisy_queries, clean_queries = query.split(plan.query_sizes, dim=-2)
     (_, k_clean), (_, v_clean) = key.split(n, dim=-2), value.split(n, dim=-2)
-    index, sizes = _chunk_key_index(tuple(bounds), n, query.device)
-    chunk_keys, chunk_values = key.index_select(-2, index).split(sizes, -2), value.index_select(-2, index).split(sizes, -2)
+    chunk_keys = key.index_select(-2, plan.key_index).split(plan.key_sizes, dim=-2)
+    chunk_values = value.index_select(-2, plan.key_index).split(plan.key_sizes, dim=-2)
     if layout == "doubled_causal" and document_ids is None:
         clean = sdpa(clean_queries, k_clean, v_clean, is_causal=True)
     else:
-        clean = sdpa(clean_queries, k_clean, v_clean, attn_mask=clean_mask)
+        clean = sdpa(clean_queries, k_clean, v_clean, attn_mask=plan.clean_mask)
     noisy = [sdpa(q, k, v, attn_mask=mask)
-             for q, k, v, (_, mask) in zip(noisy_queries, chunk_keys, chunk_values, chunks, strict=True)]
+             for q, k, v, (_, mask) in zip(noisy_queries, chunk_keys, chunk_values, plan.chunks, strict=True)]
     return torch.cat([*noisy, clean], dim=-2)
-
-
-@functools.lru_cache(maxsize=64)
-def _chunk_key_index(bounds: tuple, seq_len: int, device: torch.device) -> tuple[Tensor, list[int]]:
-    """Doubled-sequence key positions of every noisy chunk, back to back (clean [0, q1) then noisy [k0, k1)),
-    and the number per chunk."""
-    parts = [torch.cat([torch.arange(seq_len, seq_len + q1), torch.arange(k0, k1)]) for _, q1, k0, k1 in bounds]
-    return torch.cat(parts).to(device), [len(part) for part in parts]

@@ -104,9 +104,9 @@ def split_chunking(request, monkeypatch):
     """The split kernel's chunking as shipped (one chunk below 256 tokens) and down to one block per chunk."""
     if request.param == "one block":
         monkeypatch.setattr(attention, "_MIN_CHUNK", 1)
-    attention._cached_split_masks.cache_clear()
+    attention._cached_split_plan.cache_clear()
     yield request.param
-    attention._cached_split_masks.cache_clear()
+    attention._cached_split_plan.cache_clear()
 
 
 SPLIT_CASES = [  # (layout, seq_len, block_size, kv_heads, documents); with one-block chunks allowed:
@@ -162,7 +162,7 @@ def test_split_chunks_drop_no_allowed_key(
     docs = doc_ids(docs_kind, seq_len, block_size)
     full = dense_mask(layout, seq_len, block_size, docs)
     full = full[None] if docs is None else full
-    _, chunks = attention._split_masks(full, seq_len, block_size, documents=docs is not None)
+    chunks = attention._split_plan(full, seq_len, block_size, documents=docs is not None).chunks
     covered = 0
     for (q0, q1, k0, k1), mask in chunks:
         assert q0 == covered and q0 % block_size == 0 and q1 > q0
