@@ -68,8 +68,9 @@ def main() -> None:
                                                 ("joint-split", "joint", "split"))
             }
             prepared = {name: prepare_batch(batch, 1, settings) for name, settings in runs.items()}
-            runs["ar-2L"] = runs["ar"]
-            prepared["ar-2L"] = prepare_batch(_doubled_length(batch), 1, runs["ar"])
+            doubled_ids = ids.repeat(1, 2)  # a plain AR step over as many tokens as [x_t ; x_0]
+            doubled = Batch(doubled_ids, torch.ones_like(doubled_ids, dtype=torch.bool), None, batch.sample_index)
+            runs["ar-2L"], prepared["ar-2L"] = runs["ar"], prepare_batch(doubled, 1, runs["ar"])
             times: dict[str, list[float]] = {name: [] for name in runs}
             for rep in range(args.reps + 1):  # interleaved, so load changes hit every variant alike
                 for name, settings in runs.items():
@@ -82,14 +83,6 @@ def main() -> None:
                 print(f"  {name:11s} step {medians[name] * 1e3:.1f} ms   joint / AR = {medians[name] / medians['ar']:.2f}")
             print(f"  reference: causal AR step over 2L tokens {medians['ar-2L'] * 1e3:.1f} ms   "
                   f"/ AR = {medians['ar-2L'] / medians['ar']:.2f}")
-
-
-def _doubled_length(batch):
-    """The batch's sequences repeated to length 2L: a plain AR step over as many tokens as [x_t ; x_0]."""
-    from ar2dlm.data.loader import Batch
-
-    ids = batch.input_ids.repeat(1, 2)
-    return Batch(ids, torch.ones_like(ids, dtype=torch.bool), None, batch.sample_index)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,10 @@
 import pytest
 import torch
 
-from ar2dlm.config import compose_stage
 from ar2dlm.data.loader import Batch
-from ar2dlm.model.gpt import build_model
-from ar2dlm.training.data_parallel import wrap_data_parallel
 from ar2dlm.training.forward import ObjectiveSettings, forward_loss, prepare_batch
 from ar2dlm.training.loss import objective_weights
 from ar2dlm.training.noise import NoiseConfig
-from ar2dlm.training.parallel_setup import configure_provider
 from ar2dlm.training.schedule import forward_backward
 
 SETTINGS = ObjectiveSettings(objective_weights("joint"), NoiseConfig(mask_token_id=127, block_size=4), "causal",
@@ -26,24 +22,18 @@ def _micro_batches(count: int) -> list:
     return [prepare_batch(batch, 1, SETTINGS) for batch in batches]
 
 
-@pytest.fixture
-def wrapped(tiny_provider):
-    cfg = compose_stage("train", ["init=a", "output=b"], require_complete=False)
-    return wrap_data_parallel(build_model(configure_provider(tiny_provider, cfg)), cfg)
-
-
 def _grads(module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
-def test_step_gradient_is_that_of_the_global_token_average(wrapped):
+def test_step_gradient_is_that_of_the_global_token_average(wrapped_model):
     prepared = _micro_batches(3)
     global_tokens = torch.stack([p.loss_tokens for p in prepared]).sum()
-    wrapped[0].zero_grad_buffer()
-    reduced = forward_backward(wrapped, prepared, SETTINGS, global_tokens)
-    scheduled = _grads(wrapped[0].module)
+    wrapped_model[0].zero_grad_buffer()
+    reduced = forward_backward(wrapped_model, prepared, SETTINGS, global_tokens)
+    scheduled = _grads(wrapped_model[0].module)
 
-    model = wrapped[0].module
+    model = wrapped_model[0].module
     model.zero_grad(set_to_none=True)
     parts = [forward_loss(model, p, SETTINGS) for p in prepared]
     for part in parts:
@@ -57,16 +47,16 @@ def test_step_gradient_is_that_of_the_global_token_average(wrapped):
     assert int(reduced.num_tokens) == int(global_tokens)
 
 
-def test_validation_pass_gives_the_parts_and_no_gradients(wrapped):
+def test_validation_pass_gives_the_parts_and_no_gradients(wrapped_model):
     prepared = _micro_batches(2)
-    wrapped[0].zero_grad_buffer()
-    reduced = forward_backward(wrapped, prepared, SETTINGS, forward_only=True)
-    assert all(p.grad is None for p in wrapped[0].module.parameters())
+    wrapped_model[0].zero_grad_buffer()
+    reduced = forward_backward(wrapped_model, prepared, SETTINGS, forward_only=True)
+    assert all(p.grad is None for p in wrapped_model[0].module.parameters())
     with torch.no_grad():
-        expected = sum(forward_loss(wrapped[0].module, p, SETTINGS).dlm_sum for p in prepared)
+        expected = sum(forward_loss(wrapped_model[0].module, p, SETTINGS).dlm_sum for p in prepared)
     torch.testing.assert_close(reduced.dlm_sum, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_training_step_needs_the_global_token_count(wrapped):
+def test_a_training_step_needs_the_global_token_count(wrapped_model):
     with pytest.raises(ValueError, match="global token count"):
-        forward_backward(wrapped, _micro_batches(1), SETTINGS)
+        forward_backward(wrapped_model, _micro_batches(1), SETTINGS)
