@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(result or 0)
     except UserError as error:
         command = next((" ".join(words) for words, name in SUBCOMMANDS.items() if name == stage), stage)
-        print(f"ar2dlm {command}: error: {error}", file=sys.stderr)
+        print(f"ar2dlm {command}: {error.label}: {error}", file=sys.stderr)
         return error.exit_code
     except BrokenPipeError:  # e.g. `ar2dlm train --help | head`
         return 0

@@ -1,7 +1,8 @@
-"""Write a whole output directory or nothing: build it next to the target, then rename it in place."""
+"""Write a whole output directory or nothing: build it next to the target, flush it, then rename it in place."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -37,8 +38,55 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    fsync_tree(staging)
     replaced = path.parent / f".{path.name}.replaced-{os.getpid()}"
     if path.exists():
         path.rename(replaced)
     staging.rename(path)
+    fsync_directory(path.parent)
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file and folder under ``directory`` (and the folder itself) to stable storage."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        _fsync(path)
+    _fsync(directory)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new entry in ``directory`` durable."""
+    _fsync(directory)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tree_size(directory: Path) -> int:
+    """Bytes in the files under ``directory`` (0 if it does not exist)."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+
+
+def is_no_space_error(error: BaseException) -> bool:
+    """Whether ``error``, its causes or the failures it wraps (torch's CheckpointException) are ENOSPC."""
+    seen = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current):
+            return True
+        pending += [current.__cause__, current.__context__]
+        for failure in getattr(current, "failures", {}).values():  # torch wraps each as (exception, traceback)
+            pending += [item for item in (failure if isinstance(failure, tuple) else (failure,))
+                        if isinstance(item, BaseException)]
+    return False

@@ -88,6 +88,7 @@ class ParallelConfig:
 class CheckpointConfig:
     save_interval: int = 100
     keep_last: int = 2
+    checksums: bool = True  # SHA-256 of every file, written with each save and verified on resume; false: sizes only
 
 
 @dataclass
@@ -130,6 +131,7 @@ class ExportStage:
     checkpoint: str = "???"
     output: str = "???"
     overwrite: bool = False
+    checksums: bool = True  # verify the checkpoint's SHA-256 manifest before exporting; false: sizes only
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -18,6 +18,7 @@ from ar2dlm.errors import UserError
 from ar2dlm.fs import atomic_directory, check_output_dir
 from ar2dlm.log import logger
 from ar2dlm.model.checkpoint import HF_DIR, WEIGHTS_DIR, CheckpointMetadata, save_weights, write_metadata
+from ar2dlm.model.manifest import write_manifest
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EXTRA_HF_FILES = ("generation_config.json",)
@@ -85,6 +86,7 @@ def convert(source_path: str | Path, output: str | Path, *, mask_token_id: int |
         logger.info("writing Megatron weights")
         save_weights(chunks, staging / WEIGHTS_DIR)
         write_metadata(staging, metadata)
+        write_manifest(staging)
     return metadata
 
 

@@ -45,14 +45,14 @@ All three methods take left-padded batches with an `attention_mask` and return `
 
 
 def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False,
-           threshold: float = 0.9) -> CheckpointMetadata:
+           threshold: float = 0.9, checksums: bool = True) -> CheckpointMetadata:
     """Write the HF folder for ``checkpoint`` at ``output``; returns the checkpoint's metadata."""
     from ar2dlm.runtime import install_runtime
 
     check_output_dir(output, overwrite)
     source = Path(checkpoint).expanduser()
     metadata = read_metadata(source)
-    chunks, _, _ = load_model(source)
+    chunks, _, _ = load_model(source, checksums=checksums)
     bridge = export_bridge(source / HF_DIR, metadata.hf_tensor_names)
     with atomic_directory(output, overwrite) as staging:
         for item in (source / HF_DIR).iterdir():
@@ -76,7 +76,7 @@ def run_export(cfg: DictConfig) -> int:
     check_output_dir(cfg.output, cfg.overwrite)
     read_metadata(cfg.checkpoint)
     init_distributed(ParallelLayout())
-    metadata = export(cfg.checkpoint, cfg.output, overwrite=cfg.overwrite)
+    metadata = export(cfg.checkpoint, cfg.output, overwrite=cfg.overwrite, checksums=cfg.checksums)
     print(f"exported {metadata.architecture} (step {metadata.step}) -> {cfg.output} in "
           f"{time.perf_counter() - started:.1f}s; load it with AutoModelForCausalLM.from_pretrained(..., "
           "trust_remote_code=True)")

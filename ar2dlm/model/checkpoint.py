@@ -17,6 +17,7 @@ import torch
 
 from ar2dlm import __version__
 from ar2dlm.errors import UserError
+from ar2dlm.model.manifest import verify_manifest
 
 METADATA_FILE = "ar2dlm.json"
 HF_DIR = "hf"
@@ -105,10 +106,11 @@ def _sharded_state_dict(model_chunks: list) -> dict:
 
 
 def load_model(directory: str | Path, *, params_dtype: torch.dtype | None = None, seq_length: int | None = None,
-               configure=None):
+               configure=None, checksums: bool = True):
     """Rebuild the Megatron model of a checkpoint and load its weights; returns (chunks, metadata, bridge).
 
-    ``configure(provider)`` may set training options (parallel sizes, FP8, ...) before the model is built.
+    ``configure(provider)`` may set training options (parallel sizes, FP8, ...) before the model is built. The
+    checkpoint's files are checked against its manifest first (sizes; and SHA-256 unless ``checksums=False``).
     """
     from transformers import AutoConfig
 
@@ -117,6 +119,7 @@ def load_model(directory: str | Path, *, params_dtype: torch.dtype | None = None
 
     path = Path(directory).expanduser()
     metadata = read_metadata(path)
+    verify_manifest(path, checksums=checksums)
     hf_config = AutoConfig.from_pretrained(path / HF_DIR)
     bridge = bridge_from_config(hf_config)
     provider = megatron_provider(bridge, hf_config, params_dtype=params_dtype or metadata.torch_dtype,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -18,9 +18,12 @@ from ar2dlm.log import MetricSinks, logger, progress
 from ar2dlm.model.checkpoint import HF_DIR, load_model, read_metadata
 from ar2dlm.model.gpt import unwrap_model
 from ar2dlm.training.checkpointing import (
-    latest_checkpoint,
     load_training_checkpoint,
+    newest_checkpoint,
+    parameters_are_finite,
+    remove_interrupted_saves,
     restore_rng_state,
+    resume_checkpoint,
     rng_state,
     save_training_checkpoint,
 )
@@ -32,6 +35,7 @@ from ar2dlm.training.forward import (
     shard_for_context_parallel,
 )
 from ar2dlm.training.loss import objective_weights
+from ar2dlm.training.metrics_file import append_record, truncate_after_step
 from ar2dlm.training.noise import NoiseConfig
 from ar2dlm.training.optim import build_optimizer, build_scheduler
 from ar2dlm.training.parallel_setup import (
@@ -39,6 +43,7 @@ from ar2dlm.training.parallel_setup import (
     configure_provider,
 )
 from ar2dlm.training.schedule import forward_backward
+from ar2dlm.training.stop_signals import StopRequest, TrainingStopped
 
 METRICS_FILE = "metrics.jsonl"
 VALIDATION_FILE = "validation.jsonl"
@@ -61,13 +66,15 @@ class Trainer:
 
         self.cfg = cfg
         self.output = Path(cfg.output).expanduser()
+        remove_interrupted_saves(self.output)
         resume_from = self._resume_point()
         start_from = resume_from or Path(cfg.init).expanduser()
         self.metadata = read_metadata(start_from)
-        self.hf_dir = start_from / HF_DIR
+        self.hf_dir = start_from / HF_DIR  # moves to each new checkpoint: older ones are pruned
         seq_length = cfg.data.seq_length
         self.model, _, _ = load_model(start_from, params_dtype=PRECISION_DTYPES[cfg.train.precision],
-                                      seq_length=seq_length, configure=lambda p: configure_provider(p, cfg))
+                                      seq_length=seq_length, configure=lambda p: configure_provider(p, cfg),
+                                      checksums=cfg.checkpoint.checksums and resume_from is None)
         self.model = wrap_data_parallel(self.model, cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
         weights = objective_weights(cfg.train.objective, cfg.diffusion.dlm_loss_weight, cfg.diffusion.ar_loss_weight)
@@ -95,6 +102,7 @@ class Trainer:
                                          distributed=cfg.parallel.distributed_optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.step = 0
+        self.saved: Path | None = None
         if resume_from is not None:
             self._restore(resume_from)
 
@@ -103,11 +111,14 @@ class Trainer:
         return [unwrap_model(chunk) for chunk in self.model]
 
     def _resume_point(self) -> Path | None:
-        latest = latest_checkpoint(self.output)
-        if latest is not None and not self.cfg.resume:
-            raise UserError(f"output {self.output} already has checkpoints (latest: {latest.name}); pass resume=true "
-                            "to continue that run or choose another output")
-        if self.cfg.resume and latest is None:
+        if not self.cfg.resume:
+            existing = newest_checkpoint(self.output)
+            if existing is not None:
+                raise UserError(f"output {self.output} already has checkpoints (latest: {existing.name}); pass "
+                                "resume=true to continue that run or choose another output")
+            return None
+        latest = resume_checkpoint(self.output, checksums=self.cfg.checkpoint.checksums)
+        if latest is None:
             logger.info("resume=true but %s has no checkpoint yet: starting from init=%s", self.output, self.cfg.init)
         return latest
 
@@ -123,10 +134,21 @@ class Trainer:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
                 "rng": rng_state(), "config": OmegaConf.to_container(self.cfg)}
 
-    def _save(self) -> None:
-        path = save_training_checkpoint(self.output, self.step, self.unwrapped_model, self.optimizer, self._trainer_state(),
-                                        self.metadata, self.hf_dir, self.cfg.checkpoint.keep_last)
+    def _last_checkpoint_note(self) -> str:
+        last = newest_checkpoint(self.output)
+        return f"the last checkpoint, all finite, is {last}" if last else "no checkpoint was written"
+
+    def _save(self) -> Path:
+        if not parameters_are_finite(self.unwrapped_model):
+            raise TrainingDivergedError(f"the weights are not finite after step {self.step}; no checkpoint is "
+                                        f"written for it ({self._last_checkpoint_note()})")
+        path = save_training_checkpoint(self.output, self.step, self.unwrapped_model, self.optimizer,
+                                        self._trainer_state(), self.metadata, self.hf_dir,
+                                        self.cfg.checkpoint.keep_last, checksums=self.cfg.checkpoint.checksums)
+        self.hf_dir = path / HF_DIR
+        self.saved = path
         logger.info("saved checkpoint %s", path)
+        return path
 
     def _prepare(self, batch, step: int) -> PreparedBatch:
         prepared = prepare_batch(batch, step, self.settings)
@@ -151,12 +173,12 @@ class Trainer:
         loss = float(reduced.loss_sum) / float(global_tokens)
         if not math.isfinite(loss):
             raise TrainingDivergedError(f"loss is {loss} at step {step}; stopping without writing a checkpoint "
-                                        f"for this step (last good one: {latest_checkpoint(self.output)})")
+                                        f"for this step ({self._last_checkpoint_note()})")
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = self.optimizer.step()
         if not math.isfinite(grad_norm):
             raise TrainingDivergedError(f"gradient norm is {grad_norm} at step {step}; parameters were not updated "
-                                        "and no checkpoint is written for this step")
+                                        f"and no checkpoint is written for this step ({self._last_checkpoint_note()})")
         self.scheduler.step(1)
         elapsed = time.perf_counter() - started
         tokens = self.cfg.train.global_batch_size * prepared[0].layout.seq_len  # data tokens (x_0), all ranks
@@ -182,42 +204,56 @@ class Trainer:
     def fit(self) -> list[dict]:
         cfg = self.cfg
         self.output.mkdir(parents=True, exist_ok=True)
+        if is_rank_zero():
+            for name in (METRICS_FILE, VALIDATION_FILE):
+                truncate_after_step(self.output / name, self.step)
         sinks = MetricSinks(self.output, cfg.logging.tensorboard, cfg.logging.wandb, cfg.logging.wandb_project,
                             cfg.logging.run_name, OmegaConf.to_container(cfg))
         history = []
         try:
-            steps = range(self.step + 1, cfg.train.steps + 1)
-            bar = progress(steps, desc=f"train ({cfg.train.objective})", total=len(steps), unit="step")
-            for step in bar:
-                metrics = self._train_step(step)
-                self.step = step
-                history.append({"step": step, **metrics})
-                if is_rank_zero():
-                    with (self.output / METRICS_FILE).open("a") as handle:
-                        handle.write(json.dumps(history[-1]) + "\n")
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                if step % cfg.train.log_interval == 0:
-                    sinks.log({f"train/{k}": v for k, v in metrics.items()}, step)
-                    logger.debug("step %d %s", step, metrics)
-                if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-                    validation = self.validate()
-                    if validation is not None and is_rank_zero():
-                        sinks.log({f"validation/{k}": v for k, v in validation.items()}, step)
-                        with (self.output / VALIDATION_FILE).open("a") as handle:
-                            handle.write(json.dumps({"step": step, **validation}) + "\n")
-                        logger.info("step %d validation loss %.4f", step, validation["loss"])
-                if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) \
-                        or step == cfg.train.steps:
-                    self._save()
+            with StopRequest() as stop:
+                steps = range(self.step + 1, cfg.train.steps + 1)
+                bar = progress(steps, desc=f"train ({cfg.train.objective})", total=len(steps), unit="step")
+                for step in bar:
+                    self._fit_step(step, history, sinks, bar)
+                    signum = stop.requested()
+                    if signum and step < cfg.train.steps:
+                        self._stop(signum)
         finally:
             sinks.close()
         return history
 
+    def _stop(self, signum: int) -> None:
+        path = self.saved if self.saved is not None and self.saved.name == f"step_{self.step:07d}" else self._save()
+        raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {self.step}; checkpoint {path} "
+                              "saved; continue with resume=true", signum)
+
+    def _fit_step(self, step: int, history: list, sinks: MetricSinks, bar) -> None:
+        cfg = self.cfg
+        metrics = self._train_step(step)
+        self.step = step
+        history.append({"step": step, **metrics})
+        if is_rank_zero():
+            append_record(self.output / METRICS_FILE, history[-1])
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        if step % cfg.train.log_interval == 0:
+            sinks.log({f"train/{k}": v for k, v in metrics.items()}, step)
+            logger.debug("step %d %s", step, metrics)
+        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+            validation = self.validate()
+            if validation is not None and is_rank_zero():
+                sinks.log({f"validation/{k}": v for k, v in validation.items()}, step)
+                append_record(self.output / VALIDATION_FILE, {"step": step, **validation})
+                logger.info("step %d validation loss %.4f", step, validation["loss"])
+        if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) \
+                or step == cfg.train.steps:
+            self._save()
+
 
 def run_train(cfg: DictConfig) -> int:
     """CLI entry point of `ar2dlm train`."""
-    if not (cfg.resume and latest_checkpoint(Path(cfg.output)) is not None):
+    if not (cfg.resume and newest_checkpoint(Path(cfg.output)) is not None):
         read_metadata(cfg.init)  # a bad init is one clear error before process groups start
     init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)
     history = Trainer(cfg).fit()
