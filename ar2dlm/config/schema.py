@@ -45,6 +45,7 @@ class DataConfig:
     strict: bool = False
     num_workers: int = 0
     eval_path: str | None = None  # a held-out evaluation source (kind auto, fields of sources[0])
+    max_document_chars: int = 1_000_000  # longer texts are tokenised in pieces; longer SFT chats are refused
 
 
 @dataclass
@@ -178,6 +179,7 @@ class DataPrepareStage:
     overwrite: bool = False
     strict: bool = False
     batch_size: int = 1000
+    max_document_chars: int = 1_000_000  # longer texts are tokenised in pieces
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -62,7 +62,7 @@ def _training_rules(cfg: DictConfig) -> Iterator[str]:
     train, diffusion, parallel, optim = cfg.train, cfg.diffusion, cfg.parallel, cfg.optim
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "diffusion.block_size",
                 "data.seq_length", "parallel.tensor", "parallel.pipeline", "parallel.context",
-                "checkpoint.keep_last", "train.log_interval"):
+                "checkpoint.keep_last", "train.log_interval", "data.max_document_chars"):
         yield from _at_least(cfg, key, 1)
     for key in ("optim.warmup_steps", "checkpoint.save_interval", "optim.weight_decay", "optim.grad_clip",
                 "train.eval_interval", "diffusion.dlm_loss_weight", "diffusion.ar_loss_weight"):
@@ -152,6 +152,7 @@ def _run_rules(cfg: DictConfig) -> Iterator[str]:
 
 def _data_prepare_rules(cfg: DictConfig) -> Iterator[str]:
     yield from _at_least(cfg, "batch_size", 1)
+    yield from _at_least(cfg, "max_document_chars", 1)
     yield from _at_least(cfg, "source.max_documents", 1)
 
 

@@ -19,6 +19,7 @@ from ar2dlm.data.packing import PackedSource
 from ar2dlm.data.sft import encode_conversations
 from ar2dlm.data.sources import ReadStats, Record, iter_records, log_read_stats, resolve_kind
 from ar2dlm.data.tokenize import (
+    DEFAULT_MAX_DOCUMENT_CHARS,
     EncodedBatch,
     TokenStore,
     encode_records,
@@ -34,7 +35,7 @@ _VALIDATION_STREAM = 7919  # keeps the validation split's randomness apart from 
 
 
 def load_store(source, tokenizer, *, sft: bool, strict: bool, block_size: int,
-               batch_size: int = 1000) -> TokenStore:
+               max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS, batch_size: int = 1000) -> TokenStore:
     """Every document of ``source``, tokenised (or memory-mapped, for an indexed dataset)."""
     if resolve_kind(source) == "indexed":
         if sft:
@@ -45,7 +46,8 @@ def load_store(source, tokenizer, *, sft: bool, strict: bool, block_size: int,
         stats = ReadStats()
         records = progress(iter_records(source, sft=sft, strict=strict, stats=stats),
                            desc=f"tokenizing {source.path}", unit="doc")
-        batches = encode_records(records, _encoder(tokenizer, sft, block_size), batch_size)
+        encoder = _encoder(tokenizer, sft, block_size, max_document_chars)
+        batches = encode_records(records, encoder, batch_size)
         store = store_from_batches(batches, eos_id(tokenizer))
         log_read_stats(str(source.path), stats)
     if not len(store):
@@ -53,11 +55,11 @@ def load_store(source, tokenizer, *, sft: bool, strict: bool, block_size: int,
     return store
 
 
-def _encoder(tokenizer, sft: bool, block_size: int) -> Callable[[list[Record]], EncodedBatch]:
+def _encoder(tokenizer, sft: bool, block_size: int, max_chars: int) -> Callable[[list[Record]], EncodedBatch]:
     """Batch of records -> tokens: chats (SFT) or plain texts."""
     if sft:
-        return partial(encode_conversations, tokenizer, block_size=block_size)
-    return lambda batch: encode_texts(tokenizer, [record.value for record in batch])
+        return partial(encode_conversations, tokenizer, block_size=block_size, max_chars=max_chars)
+    return lambda batch: encode_texts(tokenizer, [record.value for record in batch], max_chars)
 
 
 def split_validation(store: TokenStore, fraction: float, seed: int,
@@ -103,7 +105,8 @@ def build_datasets(data_cfg, tokenizer, *, seq_length: int, block_size: int,
     if data_cfg.eval_path and data_cfg.validation_fraction > 0:
         raise UserError("set either data.eval_path or data.validation_fraction, not both")
     layout, pad = _layout(data_cfg), pad_id(tokenizer)
-    options = dict(sft=data_cfg.sft, strict=data_cfg.strict, block_size=block_size)
+    options = dict(sft=data_cfg.sft, strict=data_cfg.strict, block_size=block_size,
+                   max_document_chars=data_cfg.max_document_chars)
     train, validation = [], []
     for index, source in enumerate(sources):
         store = load_store(source, tokenizer, **options)

@@ -13,7 +13,13 @@ from omegaconf import DictConfig
 
 from ar2dlm.data.indexed import IndexedMeta, write_indexed
 from ar2dlm.data.sources import ReadStats, iter_records, log_read_stats, resolve_kind
-from ar2dlm.data.tokenize import encode_records, encode_texts, eos_id, load_tokenizer
+from ar2dlm.data.tokenize import (
+    DEFAULT_MAX_DOCUMENT_CHARS,
+    encode_records,
+    encode_texts,
+    eos_id,
+    load_tokenizer,
+)
 from ar2dlm.errors import UserError
 from ar2dlm.log import progress
 
@@ -27,7 +33,8 @@ class PrepareResult:
 
 
 def prepare(source, tokenizer, output: str, *, tokenizer_name: str = "", overwrite: bool = False,
-            strict: bool = False, batch_size: int = 1000) -> PrepareResult:
+            strict: bool = False, batch_size: int = 1000,
+            max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS) -> PrepareResult:
     """Tokenise every document of ``source`` (text field) and write them to ``output``.bin/.idx."""
     start = time.perf_counter()
     if resolve_kind(source) == "indexed":
@@ -37,8 +44,8 @@ def prepare(source, tokenizer, output: str, *, tokenizer_name: str = "", overwri
     stats = ReadStats()
     records = progress(iter_records(source, sft=False, strict=strict, stats=stats),
                        desc=f"tokenizing {source.path}", unit="doc")
-    batches = encode_records(records, lambda batch: encode_texts(tokenizer, [r.value for r in batch]),
-                             batch_size)
+    batches = encode_records(records, lambda batch: encode_texts(tokenizer, [r.value for r in batch],
+                                                                 max_document_chars), batch_size)
     meta = IndexedMeta(tokenizer=tokenizer_name or getattr(tokenizer, "name_or_path", ""),
                        vocab_size=len(tokenizer), eos_token_id=eos_id(tokenizer))
     meta = write_indexed(output, _non_empty(batches, source.path), meta, overwrite=overwrite)
@@ -60,7 +67,7 @@ def run_prepare(cfg: DictConfig) -> int:
     """CLI entry point of `ar2dlm data prepare`."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     result = prepare(cfg.source, tokenizer, cfg.output, tokenizer_name=cfg.tokenizer, overwrite=cfg.overwrite,
-                     strict=cfg.strict, batch_size=cfg.batch_size)
+                     strict=cfg.strict, batch_size=cfg.batch_size, max_document_chars=cfg.max_document_chars)
     rate = result.tokens / max(result.seconds, 1e-9)
     print(f"prepared {result.documents} documents, {result.tokens} tokens -> {result.prefix}.bin/.idx "
           f"in {result.seconds:.1f}s ({rate:,.0f} tokens/s)")

@@ -6,6 +6,9 @@ tokens that overlap them get loss_mask 1, every other token (system, user, templ
 is then followed by EOS tokens (loss_mask 1) so that its length is a whole number of diffusion blocks: a
 response of n tokens gets ``(-n) % block_size`` EOS, as the published diffusion SFT recipes do, so the model
 learns to fill the rest of its last block with EOS.
+
+A chat cannot be cut into pieces without losing its turns: one longer than ``max_chars`` characters
+(``data.max_document_chars``) is refused with its location instead of exhausting the memory.
 """
 
 from __future__ import annotations
@@ -13,7 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from ar2dlm.data.sources import Record
-from ar2dlm.data.tokenize import TOKEN_DTYPE, EncodedBatch, eos_id
+from ar2dlm.data.tokenize import (
+    DEFAULT_MAX_DOCUMENT_CHARS,
+    TOKEN_DTYPE,
+    EncodedBatch,
+    char_bounded_groups,
+    eos_id,
+)
 from ar2dlm.errors import UserError
 
 # Used only when the tokenizer has no chat template of its own. Renders
@@ -60,22 +69,38 @@ def render_conversation(tokenizer, messages: list[dict], where: str,
     return text, spans
 
 
-def encode_conversations(tokenizer, records: list[Record], block_size: int) -> EncodedBatch:
-    """Tokenise a batch of chats in one call; loss mask on the responses and on their block-rounding EOS."""
+def _check_chat_length(length: int, where: str, max_chars: int) -> None:
+    if length > max_chars:
+        raise UserError(f"{where}: the conversation has {length:,} characters, more than "
+                        f"data.max_document_chars={max_chars:,}; a chat cannot be split into pieces: shorten "
+                        "or drop it, or raise data.max_document_chars if the memory allows")
+
+
+def encode_conversations(tokenizer, records: list[Record], block_size: int,
+                         max_chars: int = DEFAULT_MAX_DOCUMENT_CHARS) -> EncodedBatch:
+    """Tokenise a batch of chats, at most ``max_chars`` characters per tokenizer call; loss mask on the
+    responses and on their block-rounding EOS."""
     if not tokenizer.is_fast:
         raise UserError("SFT needs a fast (Rust) tokenizer: it maps responses to tokens by character offsets")
     template = chat_template(tokenizer)
-    rendered = [render_conversation(tokenizer, r.value, r.where, template) for r in records]
-    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True,
-                        return_attention_mask=False, verbose=False)
+    rendered = []
+    for record in records:
+        contents = sum(len(message["content"]) for message in record.value)
+        _check_chat_length(contents, record.where, max_chars)  # before rendering it several times
+        text, spans = render_conversation(tokenizer, record.value, record.where, template)
+        _check_chat_length(len(text), record.where, max_chars)
+        rendered.append((text, spans))
     eos = eos_id(tokenizer)
     tokens, masks = [], []
-    for ids, offsets, (_, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered,
-                                        strict=True):
-        ids, mask = _mask_and_round(np.asarray(ids, dtype=TOKEN_DTYPE), np.asarray(offsets).reshape(-1, 2),
-                                    spans, block_size, eos)
-        tokens.append(ids)
-        masks.append(mask)
+    for group in char_bounded_groups(rendered, lambda chat: len(chat[0]), max_chars):
+        encoded = tokenizer([text for text, _ in group], add_special_tokens=False,
+                            return_offsets_mapping=True, return_attention_mask=False, verbose=False)
+        for ids, offsets, (_, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], group,
+                                            strict=True):
+            ids, mask = _mask_and_round(np.asarray(ids, dtype=TOKEN_DTYPE),
+                                        np.asarray(offsets).reshape(-1, 2), spans, block_size, eos)
+            tokens.append(ids)
+            masks.append(mask)
     lengths = np.array([len(t) for t in tokens], dtype=np.int64)
     return EncodedBatch(np.concatenate(tokens), lengths, np.concatenate(masks))
 

@@ -2,13 +2,17 @@
 
 A text document is tokenised with the tokenizer's own special tokens (``add_special_tokens=True``: a BOS for
 the families that use one) and always ends with EOS, which separates it from the next document.
+
+No tokenizer call sees more than ``max_chars`` characters (``data.max_document_chars``): a fast tokenizer
+holds ~100+ bytes per character while it works, so a longer document is cut into pieces before a
+whitespace, tokenised piece by piece and concatenated (special tokens of the first piece, one EOS at the end).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import islice
 
 import numpy as np
 
@@ -17,6 +21,8 @@ from ar2dlm.errors import UserError
 from ar2dlm.log import logger
 
 TOKEN_DTYPE = np.int32
+DEFAULT_MAX_DOCUMENT_CHARS = 1_000_000  # the default of data.max_document_chars
+_WHITESPACE = " \n\t\r\f\v"
 
 
 def load_tokenizer(path: str):
@@ -24,7 +30,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as error:  # transformers raises many types for a missing/broken tokenizer
         raise UserError(f"cannot load the tokenizer {path}: {error}".splitlines()[0]) from None
     if not tokenizer.is_fast:
@@ -52,16 +58,66 @@ class EncodedBatch:
     loss_mask: np.ndarray | None = None  # per token (SFT); None: every token is in the loss
 
 
-def encode_texts(tokenizer, texts: list[str]) -> EncodedBatch:
-    """Tokenise a batch of texts in one call and end each with EOS."""
+def split_text(text: str, max_chars: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``max_chars`` characters, each cut just before the last
+    whitespace that fits (so the next piece starts with it, as a pre-tokenizer would split), else hard."""
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = max(text.rfind(space, start + 1, end + 1) for space in _WHITESPACE)
+        cut = cut if cut > start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:] if start else text
+
+
+def char_bounded_groups(items: Iterable, size: Callable[[object], int], max_chars: int) -> Iterator[list]:
+    """Consecutive groups of ``items`` of at most ``max_chars`` characters in all (an item longer than that
+    alone)."""
+    group, total = [], 0
+    for item in items:
+        if group and total + size(item) > max_chars:
+            yield group
+            group, total = [], 0
+        group.append(item)
+        total += size(item)
+    if group:
+        yield group
+
+
+def _token_ids(tokenizer, texts: Sequence[str], special: bool) -> list[np.ndarray]:
+    ids = tokenizer(list(texts), add_special_tokens=special, return_attention_mask=False,
+                    return_token_type_ids=False, verbose=False)["input_ids"] if texts else []
+    return [np.asarray(sequence, dtype=TOKEN_DTYPE) for sequence in ids]
+
+
+def encode_texts(tokenizer, texts: list[str], max_chars: int = DEFAULT_MAX_DOCUMENT_CHARS) -> EncodedBatch:
+    """Tokenise a batch of texts, at most ``max_chars`` characters per tokenizer call, and end each with EOS.
+
+    A text longer than ``max_chars`` becomes the concatenated tokens of its :func:`split_text` pieces: the
+    first with the tokenizer's special tokens (less an EOS it ends with), the others without.
+    """
     eos = eos_id(tokenizer)
-    ids = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False,
-                    verbose=False)["input_ids"]
-    for sequence in ids:
-        if not sequence or sequence[-1] != eos:
-            sequence.append(eos)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(chain.from_iterable(ids), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
+    pieces = ((index, position, piece) for index, text in enumerate(texts)
+              for position, piece in enumerate(split_text(text, max_chars)))
+    documents: list[list[np.ndarray]] = [[] for _ in texts]
+    for group in char_bounded_groups(pieces, lambda item: len(item[2]), max_chars):
+        firsts = [item for item in group if item[1] == 0]
+        later = [item for item in group if item[1] > 0]
+        encoded = (_token_ids(tokenizer, [piece for _, _, piece in firsts], special=True)
+                   + _token_ids(tokenizer, [piece for _, _, piece in later], special=False))
+        for (index, _, _), ids in zip(firsts + later, encoded, strict=True):
+            documents[index].append(ids)
+    sequences = []
+    for parts in documents:
+        if len(parts) > 1 and len(parts[0]) and parts[0][-1] == eos:
+            parts[0] = parts[0][:-1]
+        sequence = np.concatenate(parts)
+        if not len(sequence) or sequence[-1] != eos:
+            sequence = np.append(sequence, np.asarray(eos, dtype=TOKEN_DTYPE))
+        sequences.append(sequence)
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    tokens = np.concatenate(sequences) if sequences else np.zeros(0, TOKEN_DTYPE)
     return EncodedBatch(tokens, lengths)
 
 

@@ -76,7 +76,7 @@ class Trainer:
                                       seq_length=seq_length, configure=lambda p: configure_provider(p, cfg),
                                       checksums=cfg.checkpoint.checksums and resume_from is None)
         self.model = wrap_data_parallel(self.model, cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir, trust_remote_code=False)
         weights = objective_weights(cfg.train.objective, cfg.diffusion.dlm_loss_weight, cfg.diffusion.ar_loss_weight)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.settings = ObjectiveSettings(
@@ -252,11 +252,15 @@ class Trainer:
 
 
 def run_train(cfg: DictConfig) -> int:
-    """CLI entry point of `ar2dlm train`."""
-    if not (cfg.resume and newest_checkpoint(Path(cfg.output)) is not None):
-        read_metadata(cfg.init)  # a bad init is one clear error before process groups start
-    init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)
-    history = Trainer(cfg).fit()
+    """CLI entry point of `ar2dlm train`; rank 0 holds the output's lock (one run per output) throughout."""
+    from ar2dlm.training.output_lock import output_lock
+
+    with output_lock(cfg.output):
+        if not (cfg.resume and newest_checkpoint(Path(cfg.output)) is not None):
+            read_metadata(cfg.init)  # a bad init is one clear error before process groups start
+        layout = ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context)
+        init_distributed(layout, seed=cfg.seed)
+        history = Trainer(cfg).fit()
     if history and is_rank_zero():
         last = history[-1]
         print(f"trained to step {last['step']}: loss {last['loss']:.4f} (AR {last['ar_loss']:.4f}, "
