@@ -13,7 +13,6 @@ Everything lands in OUTPUT/; OUTPUT/report.md, report.json and accuracy_vs_tpf.p
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -96,32 +95,21 @@ def _source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
     return _demo_source(cfg, output, corpus)
 
 
-def _with_runtime(hf_dir: Path, scratch: Path, mask_token_id: int, block_size: int) -> Path:
-    """``hf_dir`` as is if it carries the runtime; else a linked copy with it installed (for AR decoding)."""
-    from ar2dlm.runtime import RUNTIME_FILES, install_runtime
-
-    if all((hf_dir / name).is_file() for name in RUNTIME_FILES):
-        return hf_dir
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    for item in hf_dir.iterdir():
-        if item.is_file() and item.name != "config.json":
-            (scratch / item.name).symlink_to(item.resolve())
-    shutil.copy2(hf_dir / "config.json", scratch / "config.json")
-    config = json.loads((hf_dir / "config.json").read_text())
-    install_runtime(scratch, architecture=config["architectures"][0], mask_token_id=mask_token_id,
-                    block_size=block_size)
-    return scratch
-
-
-def _evaluate(model_dir: Path, examples: list, settings, output: Path) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _evaluate(model_dir: Path, examples: list, settings, output: Path, *, export: bool = True,
+              **config_defaults) -> dict:
+    """Evaluate ``model_dir`` with this ar2dlm's runtime classes (the folder's own code never runs);
+    ``config_defaults`` fill config fields the folder lacks (a source has no mask token yet)."""
+    from transformers import AutoTokenizer
 
     from ar2dlm.eval.report import write_report
     from ar2dlm.eval.run import evaluate_model
+    from ar2dlm.runtime.loading import load_runtime_model
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_runtime_model(model_dir, export=export).eval()
+    for key, value in config_defaults.items():
+        if getattr(model.config, key, None) is None:
+            setattr(model.config, key, value)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     report = evaluate_model(model, tokenizer, examples, settings)
     rows = report.pop("rows")
     write_report(report, output, rows=rows)
@@ -165,10 +153,9 @@ def run_pipeline(cfg: DictConfig) -> int:
         settings = EvalSettings(thresholds=tuple(cfg.eval.thresholds), block_lengths=(cfg.eval.block_length,),
                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                                 seed=cfg.seed, elbo_draws=cfg.eval.elbo_draws)
-        source_dir = _with_runtime(source, output / "source_with_runtime", metadata.mask_token_id,
-                                   cfg.diffusion.block_size)
         ar_only = EvalSettings(**{**settings.__dict__, "modes": ("ar",), "elbo_draws": 0})  # no mask token yet
-        source_report = _evaluate(source_dir, examples, ar_only, output / "eval_source")
+        source_report = _evaluate(source, examples, ar_only, output / "eval_source", export=False,
+                                  mask_token_id=metadata.mask_token_id, block_size=cfg.diffusion.block_size)
         model_report = _evaluate(output / "model", examples, settings, output / "eval_model")
     if is_rank_zero():
         table = write_run_report(output, cfg, source_report, model_report, history, clock.seconds)

@@ -28,3 +28,22 @@ def test_shortened_demo_runs_every_stage_and_reports(tmp_path, megatron_ready, c
     header = max(i for i, line in enumerate(printed) if line.startswith("| model | mode |"))
     assert len(printed) - header == 2 + len(report["table"]) + 2  # the table and two notes close the output
     assert "self-speculation identical to AR greedy on 12/12" in printed[-1]
+
+
+def test_code_in_the_source_folder_never_runs(make_tiny_hf, tiny_tokenizer, tmp_path, megatron_ready):
+    from ar2dlm.runtime import RUNTIME_FILES, install_runtime
+
+    source = make_tiny_hf("LlamaForCausalLM")
+    install_runtime(source, architecture="LlamaForCausalLM", block_size=8,
+                    mask_token_id=tiny_tokenizer.convert_tokens_to_ids("<|fim_pad|>"))
+    marker = tmp_path / "marker"
+    for name in RUNTIME_FILES:  # a source that ships runtime files which write the marker when imported
+        (source / name).write_text((source / name).read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    cfg = compose_stage("run", [
+        "recipe=demo", f"source={source}", f"output={tmp_path / 'run'}", "demo.train_examples=40",
+        "demo.eval_examples=2", "train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=2",
+        "data.seq_length=32", "diffusion.block_size=8", "eval.block_length=8", "eval.thresholds=[0.9]",
+        "eval.max_new_tokens=4", "eval.elbo_draws=0",
+    ])
+    assert run_pipeline(cfg) == 0
+    assert not marker.exists()

@@ -28,7 +28,7 @@ def _load_tokenizer(source: HFSource):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source.path))
+        return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
     except Exception as error:  # transformers raises many types for a missing/broken tokenizer
         raise UserError(f"cannot load the tokenizer of {source.path}: {error}".splitlines()[0]) from None
 
@@ -57,7 +57,7 @@ def convert(source_path: str | Path, output: str | Path, *, mask_token_id: int |
                 len(source.weight_files), source.total_bytes / 1e6)
     tokenizer = _load_tokenizer(source)
     tokenizer_rows = len(tokenizer)
-    hf_config = AutoConfig.from_pretrained(str(source.path))
+    hf_config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
     choice = choose_mask_token(tokenizer, hf_config.vocab_size, mask_token_id)
     logger.info("%s", choice.describe(hf_config.vocab_size))
     params_dtype = _params_dtype(dtype, source)

@@ -18,6 +18,7 @@ import torch
 from ar2dlm import __version__
 from ar2dlm.errors import UserError
 from ar2dlm.model.manifest import verify_manifest
+from ar2dlm.model.safe_pickle import check_distributed_checkpoint
 
 METADATA_FILE = "ar2dlm.json"
 HF_DIR = "hf"
@@ -91,6 +92,7 @@ def load_weights(model_chunks: list, directory: Path) -> None:
     """Load a distributed checkpoint written by :func:`save_weights` into ``model_chunks``."""
     from megatron.core import dist_checkpointing
 
+    check_distributed_checkpoint(directory)
     state = dist_checkpointing.load(_sharded_state_dict(model_chunks), str(directory))
     if len(model_chunks) == 1:
         model_chunks[0].load_state_dict(state["model"], strict=True)
@@ -120,7 +122,7 @@ def load_model(directory: str | Path, *, params_dtype: torch.dtype | None = None
     path = Path(directory).expanduser()
     metadata = read_metadata(path)
     verify_manifest(path, checksums=checksums)
-    hf_config = AutoConfig.from_pretrained(path / HF_DIR)
+    hf_config = AutoConfig.from_pretrained(path / HF_DIR, trust_remote_code=False)
     bridge = bridge_from_config(hf_config)
     provider = megatron_provider(bridge, hf_config, params_dtype=params_dtype or metadata.torch_dtype,
                                  seq_length=seq_length)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from ar2dlm.errors import UserError
 from ar2dlm.log import logger
 from ar2dlm.runtime import RUNTIME_FILES
+from ar2dlm.runtime.loading import load_runtime_model
 
 MODES = ("ar", "diffusion", "self_spec")
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -88,17 +89,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_export(model_dir: Path, device: torch.device):
-    """Tokenizer and tri-mode model (float32 on CPU, the checkpoint's dtype on a GPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Tokenizer and tri-mode model (float32 on CPU, the checkpoint's dtype on a GPU), built with this
+    ar2dlm's runtime: the folder's own runtime files are never run (a warning says if they differ)."""
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as error:  # transformers raises many types for a missing/broken tokenizer
         raise UserError(f"cannot load the tokenizer of {model_dir}: {error}".splitlines()[0]) from None
     dtype = torch.float32 if device.type == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True, dtype=dtype)
-    if not hasattr(model, "linear_spec_generate"):
-        raise UserError(f"{model_dir}: auto_map does not point at the ar2dlm runtime")
+    model = load_runtime_model(model_dir, dtype=dtype)
     return tokenizer, model.to(device).eval()
 
 

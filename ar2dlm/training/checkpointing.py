@@ -30,6 +30,7 @@ from ar2dlm.fs import fsync_directory, fsync_tree, is_no_space_error, tree_size
 from ar2dlm.log import logger
 from ar2dlm.model.checkpoint import HF_DIR, WEIGHTS_DIR, CheckpointMetadata, read_metadata, write_metadata
 from ar2dlm.model.manifest import DamagedCheckpointError, verify_manifest, write_manifest
+from ar2dlm.model.safe_pickle import check_distributed_checkpoint
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -209,6 +210,7 @@ def load_training_checkpoint(checkpoint: Path, model_chunks: list, optimizer) ->
     from megatron.core import dist_checkpointing
 
     state = read_trainer_state(checkpoint)
+    check_distributed_checkpoint(checkpoint / WEIGHTS_DIR)
     try:
         loaded = dist_checkpointing.load(_sharded_training_state(model_chunks, optimizer, is_loading=True),
                                          str(checkpoint / WEIGHTS_DIR))

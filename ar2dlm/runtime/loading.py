@@ -1,0 +1,98 @@
+"""Loading an HF folder with the runtime classes of the installed ar2dlm, never with the folder's code.
+
+ar2dlm's own stages (generate, eval, run, the lm-eval adapter) build the model from
+:mod:`ar2dlm.runtime.modeling_ar2dlm` by the folder's architecture; the folder's ``modeling_ar2dlm.py`` /
+``decoding_ar2dlm.py`` are never imported. They are what plain ``AutoModelForCausalLM.from_pretrained(
+path, trust_remote_code=True)`` runs, so a folder whose runtime is not byte for byte the one this ar2dlm
+version writes (an edited file, another ar2dlm version, ``auto_map`` pointing elsewhere) gets a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from pathlib import Path
+
+from ar2dlm import __version__
+from ar2dlm.errors import UserError
+from ar2dlm.log import logger
+from ar2dlm.runtime import RUNTIME_FILES, SUPPORTED_ARCHITECTURES, runtime_class_name
+
+_PACKAGE_DIR = Path(__file__).parent
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@cache
+def _written_hashes() -> dict[str, str]:
+    return {name: _sha256(_PACKAGE_DIR / name) for name in RUNTIME_FILES}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} cannot be parsed: {error}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return value
+
+
+def runtime_differences(model_dir: Path) -> list[str]:
+    """How the code in ``model_dir`` that ``trust_remote_code=True`` would run differs from what this
+    ar2dlm version's export writes (empty: identical)."""
+    differences = []
+    for name in RUNTIME_FILES:
+        path = model_dir / name
+        if not path.is_file():
+            differences.append(f"{name} is missing")
+        elif (digest := _sha256(path)) != _written_hashes()[name]:
+            differences.append(f"{name} differs (sha256 {digest[:12]}, ar2dlm writes {_written_hashes()[name][:12]})")
+    config = _read_json(model_dir / "config.json")
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture in SUPPORTED_ARCHITECTURES:
+        expected = {"AutoModelForCausalLM": f"modeling_ar2dlm.{runtime_class_name(architecture)}"}
+        if config.get("auto_map") != expected:
+            differences.append(f"config.json auto_map is {config.get('auto_map')}, ar2dlm writes {expected}")
+    tokenizer_config = model_dir / "tokenizer_config.json"
+    if tokenizer_config.is_file() and "auto_map" in _read_json(tokenizer_config):
+        differences.append("tokenizer_config.json names tokenizer code (auto_map)")
+    return differences
+
+
+def warn_if_runtime_differs(model_dir: Path) -> bool:
+    """Warn when ``model_dir``'s runtime is not the one this ar2dlm version writes; True if it is."""
+    differences = runtime_differences(model_dir)
+    if differences:
+        logger.warning(
+            "%s does not hold the runtime that ar2dlm %s writes: %s. ar2dlm loads the model with its own runtime "
+            "and never runs these files, but AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) "
+            "would run them: inspect them, or export the checkpoint again, before loading it that way",
+            model_dir, __version__, "; ".join(differences))
+    return not differences
+
+
+def runtime_model_class(model_dir: Path):
+    """The tri-mode class of this ar2dlm for the folder's architecture (UserError for others)."""
+    from ar2dlm.runtime.modeling_ar2dlm import RUNTIME_CLASSES
+
+    config_path = model_dir / "config.json"
+    architecture = (_read_json(config_path).get("architectures") or [None])[0]
+    if architecture not in RUNTIME_CLASSES:
+        raise UserError(f"{config_path} names architecture {architecture!r}; ar2dlm's runtime supports "
+                        f"{', '.join(RUNTIME_CLASSES)}")
+    return RUNTIME_CLASSES[architecture]
+
+
+def load_runtime_model(model_dir: Path, *, dtype=None, export: bool = True):
+    """The folder's weights in this ar2dlm's tri-mode class. ``export=True``: the folder is an ar2dlm export,
+    whose runtime is checked; ``export=False``: a source model, checked only if it ships runtime files."""
+    model_dir = Path(model_dir)
+    model_class = runtime_model_class(model_dir)
+    if export or any((model_dir / name).exists() for name in RUNTIME_FILES):
+        warn_if_runtime_differs(model_dir)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return model_class.from_pretrained(str(model_dir), **kwargs)
