@@ -112,11 +112,21 @@ def main(argv: list[str] | None = None) -> int:
         command = next((" ".join(words) for words, name in SUBCOMMANDS.items() if name == stage), stage)
         print(f"ar2dlm {command}: {error.label}: {error}", file=sys.stderr)
         return error.exit_code
-    except BrokenPipeError:  # e.g. `ar2dlm train --help | head`
+    except BrokenPipeError:  # e.g. `ar2dlm train --help | head`; any other broken pipe is a failure
+        if _stdout_is_open():
+            raise
         return 0
     except KeyboardInterrupt:
         print(f"ar2dlm {stage}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_is_open() -> bool:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

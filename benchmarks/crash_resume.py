@@ -6,8 +6,8 @@ every loss row equals the uninterrupted run's.
 
 A tiny Qwen3 is built and converted in a temporary folder; the reference run trains it without
 interruption. Then one run is started with resume=true again and again: each start is killed after a
-random delay (a fifth of them in start-up, the rest uniform over the reference run's training time
-once the start has written a new metrics row, so they land in steps and in saves) until `--kills` kills have been made, and the last start runs to the end. Printed: how many starts
+random moment (a fifth of them in start-up; the rest at a random step still to come, plus a random
+delay of up to one and a half steps, so they land in steps and in saves) until `--kills` kills have been made, and the last start runs to the end. Printed: how many starts
 resumed, how many finished or were killed, whether each start's exit code was the expected one, and
 how many rows of metrics.jsonl differ from the reference (bitwise on the loss).
 """
@@ -55,11 +55,17 @@ def rows(output: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def wait_for_a_new_row(process: subprocess.Popen, output: Path) -> None:
-    """Return once the run has written a metrics row (past its start-up) or has ended."""
+def wait_for_a_new_row(process: subprocess.Popen, output: Path) -> int:
+    """Wait until the run has written a metrics row (past its start-up) or has ended; returns the rows then."""
     before = rows(output)
     while process.poll() is None and rows(output) <= before:
         time.sleep(0.05)
+    return rows(output)
+
+
+def wait_for_rows(process: subprocess.Popen, output: Path, count: int) -> None:
+    while process.poll() is None and rows(output) < count:
+        time.sleep(0.02)
 
 
 def timed_reference(args, converted: Path, corpus: Path, output: Path, env: dict) -> tuple[float, float]:
@@ -126,8 +132,9 @@ def main() -> int:
                 if rng.random() < args.startup_fraction:
                     delay = rng.uniform(0.0, startup)
                 else:  # once the run trains: in a step, a validation or a save
-                    wait_for_a_new_row(process, output)
-                    delay = rng.uniform(0.0, wall - startup)
+                    done = wait_for_a_new_row(process, output)
+                    wait_for_rows(process, output, rng.randint(done, args.steps - 1))
+                    delay = rng.uniform(0.0, 1.5 * (wall - startup) / args.steps)  # within a step or its save
                 try:
                     process.wait(timeout=delay)
                 except subprocess.TimeoutExpired:

@@ -7,6 +7,7 @@ folder of a save it interrupted.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -35,6 +36,7 @@ class StopRequest:
     def __init__(self):
         self.signum = 0
         self._previous = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -46,6 +48,8 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked checkpoint writer: it finishes its write, the trainer stops
+            return
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if not self.signum:
