@@ -28,7 +28,7 @@ USAGE = """usage: ar2dlm <stage> [recipe=NAME] [key=value ...] [--help | --cfg]
 stages:
 {stages}
 
-  ar2dlm <stage> --help   list the stage's keys with their defaults
+  ar2dlm <stage> --help   list the stage's keys: default, meaning and allowed values
   ar2dlm <stage> --cfg    print the composed configuration and exit
 """
 
@@ -44,6 +44,8 @@ def _usage() -> str:
 def _format_value(value) -> str:
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str) and value == "???":
         return "??? (required)"
     return repr(value) if isinstance(value, str) else str(value)
@@ -51,13 +53,16 @@ def _format_value(value) -> str:
 
 def _stage_help(stage: str, overrides: list[str]) -> str:
     from ar2dlm.config.compose import available_recipes, stage_keys
+    from ar2dlm.config.descriptions import describe
     from ar2dlm.config.schema import STAGE_SUMMARIES
 
     keys = stage_keys(stage, overrides)
     width = max(len(key) for key, _ in keys)
     command = next((" ".join(words) for words, name in SUBCOMMANDS.items() if name == stage), stage)
-    lines = [f"usage: ar2dlm {command} [recipe=NAME] [key=value ...]", "", STAGE_SUMMARIES[stage], "", "keys:"]
-    lines += [f"  {key:<{width}}  {_format_value(value)}" for key, value in keys]
+    lines = [f"usage: ar2dlm {command} [recipe=NAME] [key=value ...]", "", STAGE_SUMMARIES[stage], "",
+             "keys (name and default, then what it does and the values it takes):"]
+    for key, value in keys:
+        lines += [f"  {key:<{width}}  {_format_value(value)}", f"      {describe(stage, key) or '(undocumented)'}"]
     lines += ["", f"recipes: {', '.join(available_recipes())}"]
     return "\n".join(lines)
 
@@ -103,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(compose_stage(stage, overrides, require_complete=False)), end="")
             return 0
         cfg = compose_stage(stage, overrides)
+        from ar2dlm.expected_warnings import silence_expected_warnings
         from ar2dlm.log import setup_logging
 
         setup_logging(cfg.logging.level)
+        silence_expected_warnings()
         result = _entry_point(stage)(cfg)
         return int(result or 0)
     except UserError as error:

@@ -5,21 +5,40 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ar2dlm.errors import UserError
 
 
-def check_output_dir(target: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty ``target`` unless ``overwrite``; return it as a Path."""
+def check_output_dir(target: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse an existing, non-empty ``target`` unless ``overwrite``, and a ``target`` that is or holds one of
+    the ``inputs`` whatever ``overwrite`` says; return it as a Path."""
     path = Path(target).expanduser()
+    for source in inputs:
+        if source:
+            refuse_overlap(path, source)
     if path.exists() and not path.is_dir():
         raise UserError(f"output {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UserError(f"output {path} exists and is not empty (pass overwrite=true to replace it)")
     return path
+
+
+def refuse_overlap(output: str | Path, source: str | Path) -> None:
+    """UserError when writing ``output`` would replace ``source``: the same folder, or one that holds it."""
+    out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
+    if out == src or out in src.parents:
+        relation = "is" if out == src else "holds"
+        raise UserError(f"output {output} {relation} the input {source}: writing it would destroy the input; "
+                        "choose another output")
+
+
+def is_empty_dir(path: Path, ignore: Iterable[str] = ()) -> bool:
+    """Whether ``path`` is a folder holding nothing but the names in ``ignore``."""
+    skip = set(ignore)
+    return path.is_dir() and not [item for item in path.iterdir() if item.name not in skip]
 
 
 @contextmanager

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -20,10 +21,20 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+class _BarSafeHandler(logging.StreamHandler):
+    """Writes each record above the active progress bars instead of onto the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Configure the ``ar2dlm`` logger once: rank-prefixed lines on stderr, quiet on other ranks."""
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _BarSafeHandler(sys.stderr)
         prefix = f"[rank{_rank()}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
@@ -31,12 +42,70 @@ def setup_logging(level: str = "INFO") -> None:
     logger.setLevel(level if _rank() == 0 else "WARNING")
 
 
-def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """A progress bar on rank 0 (off under CI without a terminal; sparse when stderr is a file)."""
-    interactive = sys.stderr.isatty()
-    disable = _rank() != 0 or (os.environ.get("CI") == "true" and not interactive)
-    yield from tqdm(items, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True,
-                    mininterval=0.1 if interactive else 30.0)  # a log file gets a line every 30 s
+LOG_FILE_INTERVAL_S = 30.0  # without a terminal, progress without a step interval is logged this often
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
+             log_every: int | None = None) -> Iterable[T]:
+    """Progress over ``items`` on rank 0 (other ranks are silent): iterate the returned object, and
+    ``set_postfix({"loss": "2.31", ...})`` shows values next to the count.
+
+    In a terminal this is a tqdm bar (log records are printed above it). When stderr is not a terminal (a
+    Slurm log, ``2>log``) there is no bar, whose carriage-return redraws a file cannot undo: a plain log
+    line every ``log_every`` items and after the last one, or (``log_every`` None) every
+    ``LOG_FILE_INTERVAL_S`` seconds and after the last item if a line was written before."""
+    if _rank() != 0:
+        return tqdm(items, total=total, disable=True)
+    if stderr_is_terminal():
+        return tqdm(items, desc=desc, total=total, unit=unit, dynamic_ncols=True, mininterval=0.1)
+    return LoggedProgress(items, desc, total, unit, log_every)
+
+
+class LoggedProgress(Generic[T]):
+    """Progress as plain ``logger.info`` lines: ``DESC: 10/1200 steps | loss 2.31 | ... | 0.52 s/step, 10:18 left``."""
+
+    def __init__(self, items: Iterable[T], desc: str, total: int | None, unit: str, log_every: int | None):
+        self.items, self.desc, self.unit, self.log_every = items, desc, unit, log_every
+        self.total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+        self.postfix: dict[str, object] = {}
+
+    def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **values) -> None:
+        self.postfix = {**(ordered_dict or {}), **values}
+
+    def __iter__(self) -> Iterator[T]:
+        started = last_line = time.monotonic()
+        count = logged = 0
+        for item in self.items:
+            yield item
+            count += 1
+            now = time.monotonic()
+            due = (count % self.log_every == 0) if self.log_every else now - last_line >= LOG_FILE_INTERVAL_S
+            if due or count == self.total:
+                logger.info("%s", self.line(count, now - started))
+                last_line, logged = now, count
+        if count != logged and (self.log_every or logged):
+            logger.info("%s", self.line(count, time.monotonic() - started))
+
+    def line(self, count: int, seconds: float) -> str:
+        parts = [f"{self.desc}: {count}/{self.total if self.total is not None else '?'} {self.unit}s"]
+        parts += [f"{name} {value}" for name, value in self.postfix.items()]
+        if count and seconds > 0:
+            per_item = seconds / count
+            pace = f"{per_item:.2f} s/{self.unit}" if per_item >= 1 else f"{1 / per_item:,.1f} {self.unit}/s"
+            if self.total and count < self.total:
+                pace += f", {_clock(per_item * (self.total - count))} left"
+            parts.append(pace)
+        return " | ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class MetricSinks:

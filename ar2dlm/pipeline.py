@@ -26,6 +26,7 @@ from ar2dlm.distributed import ParallelLayout, init_distributed, is_rank_zero
 from ar2dlm.errors import UserError
 from ar2dlm.fs import check_output_dir
 from ar2dlm.log import logger
+from ar2dlm.runtime import SERVED_CLEAN_PATTERN
 
 STAGES = ("source", "convert", "train", "export", "eval")
 
@@ -125,7 +126,7 @@ def run_pipeline(cfg: DictConfig) -> int:
     from ar2dlm.training.loop import Trainer
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # writable copy
-    output = check_output_dir(cfg.output, cfg.overwrite)
+    output = check_output_dir(cfg.output, cfg.overwrite, inputs=[cfg.source])
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
@@ -147,15 +148,19 @@ def run_pipeline(cfg: DictConfig) -> int:
         history = Trainer(_train_config(cfg, init=output / "converted", output=output / "train")).fit()
     with clock.stage("export"):
         final = sorted((output / "train" / "checkpoints").glob("step_*"))[-1]
-        export(final, output / "model")
+        exported = export(final, output / "model")
     with clock.stage("eval", f"{cfg.demo.eval_examples} held-out prompts"):
         examples = read_jsonl(eval_corpus)
         settings = EvalSettings(thresholds=tuple(cfg.eval.thresholds), block_lengths=(cfg.eval.block_length,),
                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                seed=cfg.seed, elbo_draws=cfg.eval.elbo_draws)
+                                seed=cfg.seed, elbo_draws=cfg.eval.elbo_draws, decode_alone=cfg.eval.decode_alone)
         ar_only = EvalSettings(**{**settings.__dict__, "modes": ("ar",), "elbo_draws": 0})  # no mask token yet
         source_report = _evaluate(source, examples, ar_only, output / "eval_source", export=False,
                                   mask_token_id=metadata.mask_token_id, block_size=cfg.diffusion.block_size)
+        if exported.clean_pattern != SERVED_CLEAN_PATTERN:
+            logger.warning("the model was trained with diffusion.clean_pattern=%s, which the runtime decodes in AR "
+                           "mode only: evaluating AR mode", exported.clean_pattern)
+            settings = ar_only
         model_report = _evaluate(output / "model", examples, settings, output / "eval_model")
     if is_rank_zero():
         table = write_run_report(output, cfg, source_report, model_report, history, clock.seconds)

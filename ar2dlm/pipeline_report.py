@@ -67,6 +67,9 @@ def write_run_report(output: Path, cfg: DictConfig, source: dict, model: dict, h
     notes = [f"stage wall times: {times} (total {summary['total_seconds']:.0f}s)",
              f"self-speculation identical to AR greedy on {lossless['identical']}/{lossless['examples']} prompts; "
              f"perplexity ratio trained/source {ratio}"]
+    if any(result.get("nfe_basis") == "batch" for result in model["results"]):
+        notes.append("diffusion / self-speculation NFE: that of each prompt's batch (an upper bound); "
+                     "eval.decode_alone=true measures each prompt alone")
     markdown = ["# ar2dlm run report", "", f"{summary['date']}, {summary['machine']}", "", table, "", *notes, "",
                 f"![accuracy vs tokens per forward]({plot.name})", ""]
     (output / "report.md").write_text("\n".join(markdown))

@@ -6,8 +6,8 @@ every loss row equals the uninterrupted run's.
 
 A tiny Qwen3 is built and converted in a temporary folder; the reference run trains it without
 interruption. Then one run is started with resume=true again and again: each start is killed after a
-random moment (a fifth of them in start-up; the rest at a random step still to come, plus a random
-delay of up to one and a half steps, so they land in steps and in saves) until `--kills` kills have been made, and the last start runs to the end. Printed: how many starts
+random moment (a fifth of them in start-up; the rest once it trains, after a random step still to
+come plus up to one and a half steps' time, so they land in steps and in saves) until `--kills` kills have been made, and the last start runs to the end. Printed: how many starts
 resumed, how many finished or were killed, whether each start's exit code was the expected one, and
 how many rows of metrics.jsonl differ from the reference (bitwise on the loss).
 """
@@ -50,30 +50,41 @@ def train_command(args, converted: Path, corpus: Path, output: Path) -> list[str
             "optim.lr=3e-3", "optim.schedule=cosine", "optim.min_lr=1e-4", "optim.warmup_steps=1", "resume=true"]
 
 
-def rows(output: Path) -> int:
+def last_step(output: Path) -> int:
+    """The step of metrics.jsonl's last whole row (0: none)."""
     path = output / "metrics.jsonl"
-    return path.read_bytes().count(b"\n") if path.exists() else 0
+    lines = path.read_bytes().splitlines() if path.exists() else []
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return 0
 
 
-def wait_for_a_new_row(process: subprocess.Popen, output: Path) -> int:
-    """Wait until the run has written a metrics row (past its start-up) or has ended; returns the rows then."""
-    before = rows(output)
-    while process.poll() is None and rows(output) <= before:
-        time.sleep(0.05)
-    return rows(output)
+def newest_saved_step(output: Path) -> int:
+    steps = [int(p.name.removeprefix("step_")) for p in (output / "checkpoints").glob("step_*")]
+    return max(steps, default=0)
 
 
-def wait_for_rows(process: subprocess.Popen, output: Path, count: int) -> None:
-    while process.poll() is None and rows(output) < count:
+def wait_until_training(process: subprocess.Popen, output: Path, since: float) -> None:
+    """Wait until this start has written metrics.jsonl (its truncation or its first row) or has ended."""
+    path = output / "metrics.jsonl"
+    while process.poll() is None and not (path.exists() and path.stat().st_mtime > since):
+        time.sleep(0.02)
+
+
+def wait_for_step(process: subprocess.Popen, output: Path, step: int) -> None:
+    while process.poll() is None and last_step(output) < step:
         time.sleep(0.02)
 
 
 def timed_reference(args, converted: Path, corpus: Path, output: Path, env: dict) -> tuple[float, float]:
     """Run the uninterrupted reference; returns (seconds to its first metrics row, total seconds)."""
-    started = time.perf_counter()
+    started, since = time.perf_counter(), time.time()
     process = subprocess.Popen(train_command(args, converted, corpus, output), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for_a_new_row(process, output)
+    wait_until_training(process, output, since)
     startup = time.perf_counter() - started
     code = process.wait()
     end_job(process)
@@ -124,7 +135,7 @@ def main() -> int:
         output, kills, starts, bad_exits, log = work / "crashed", 0, 0, [], []
         while True:
             starts += 1
-            stderr_path = work / f"start_{starts}.err"
+            stderr_path, since, resumed = work / f"start_{starts}.err", time.time(), newest_saved_step(output)
             with stderr_path.open("w") as stderr_file:
                 process = subprocess.Popen(train_command(args, converted, corpus, output), env=env,
                                            stdout=subprocess.DEVNULL, stderr=stderr_file, start_new_session=True)
@@ -132,8 +143,8 @@ def main() -> int:
                 if rng.random() < args.startup_fraction:
                     delay = rng.uniform(0.0, startup)
                 else:  # once the run trains: in a step, a validation or a save
-                    done = wait_for_a_new_row(process, output)
-                    wait_for_rows(process, output, rng.randint(done, args.steps - 1))
+                    wait_until_training(process, output, since)
+                    wait_for_step(process, output, rng.randint(min(resumed + 1, args.steps - 1), args.steps - 1))
                     delay = rng.uniform(0.0, 1.5 * (wall - startup) / args.steps)  # within a step or its save
                 try:
                     process.wait(timeout=delay)

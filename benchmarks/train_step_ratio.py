@@ -1,6 +1,6 @@
 """Joint AR+diffusion training step vs plain AR step: same model, same data tokens, one process.
 
-DESIGN.md target: joint / AR <= 2.1 (the joint step runs the doubled [x_t ; x_0] sequence).
+docs/design.md §8.1 target: joint / AR <= 2.1 (the joint step runs the doubled [x_t ; x_0] sequence).
 Prints the machine, the settings, median step times and the ratio for each attention kernel, and
 for reference, a plain causal AR step over 2L tokens (as many tokens as the doubled sequence).
 """

@@ -23,7 +23,7 @@ def test_top_level_help_lists_every_stage():
 def help_keys(result: subprocess.CompletedProcess) -> dict[str, str]:
     assert result.returncode == 0, result.stderr
     return {line.split()[0]: line.split(None, 1)[1] for line in result.stdout.splitlines()
-            if line.startswith("  ") and len(line.split()) > 1}
+            if line.startswith("  ") and not line.startswith("   ") and len(line.split()) > 1}
 
 
 def test_stage_help_lists_keys_with_defaults():
@@ -75,3 +75,26 @@ def test_unknown_key_and_unknown_stage_and_option():
 def test_version():
     result = ar2dlm("--version")
     assert result.returncode == 0 and result.stdout.startswith("ar2dlm ")
+
+
+def test_every_key_of_every_stage_has_a_description():
+    from ar2dlm.config.compose import stage_keys
+    from ar2dlm.config.descriptions import describe
+    from ar2dlm.config.schema import STAGE_SCHEMAS
+
+    undocumented = [f"{stage}: {key}" for stage in STAGE_SCHEMAS for key, _ in stage_keys(stage)
+                    if not describe(stage, key)]
+    assert not undocumented, "add them to ar2dlm/config/descriptions.py"
+
+
+def test_stage_help_describes_each_key_with_its_allowed_values():
+    result = ar2dlm("train", "--help")
+    lines = result.stdout.splitlines()
+    objective = lines.index(next(line for line in lines if line.split()[:1] == ["train.objective"]))
+    assert lines[objective].split() == ["train.objective", "'joint'"]
+    assert lines[objective + 1].startswith("      losses trained: ") and lines[objective + 1].endswith(
+        "  [ar | joint | diffusion]")
+    assert "  [null | hybrid | e4m3]" in result.stdout and "(undocumented)" not in result.stdout
+    assert help_keys(result)["resume"] == "false"
+    prompt = ar2dlm("generate", "--help").stdout
+    assert "taken exactly as typed" in prompt and "'-' for stdin" in prompt

@@ -24,10 +24,31 @@ def test_bridge_imports_without_leaving_stand_ins_behind():
         assert megatron_thinks_te == "False"  # megatron-core must not believe the stand-in is TE
 
 
-def test_cuda_device_queries_are_safe_on_cpu():
-    from ar2dlm.compat import configure_torch_for_cpu
+CUDA_QUERIES = ("current_device", "synchronize", "get_rng_state")
 
-    configure_torch_for_cpu()
-    if not torch.cuda.is_available():
+
+def test_cuda_device_queries_are_safe_on_cpu(monkeypatch):
+    """Both branches on every machine: without a GPU the queries answer for the CPU; with one, torch.cuda is
+    left exactly as it is."""
+    from ar2dlm import compat
+
+    forget = getattr(compat.configure_torch_for_cpu, "cache_clear", lambda: None)  # it runs once per process
+    for name in CUDA_QUERIES:  # restored to what torch.cuda holds now when the test ends
+        monkeypatch.setattr(torch.cuda, name, getattr(torch.cuda, name))
+    monkeypatch.setattr(torch.cuda.random, "get_rng_state", torch.cuda.random.get_rng_state)
+    try:
+        monkeypatch.setattr(compat, "cuda_available", lambda: True)
+        untouched = {name: getattr(torch.cuda, name) for name in CUDA_QUERIES}
+        forget()
+        compat.configure_torch_for_cpu()
+        assert {name: getattr(torch.cuda, name) for name in CUDA_QUERIES} == untouched
+
+        monkeypatch.setattr(compat, "cuda_available", lambda: False)
+        forget()
+        compat.configure_torch_for_cpu()
         assert torch.zeros(1, device=torch.cuda.current_device()).device.type == "cpu"
-        torch.cuda.synchronize()
+        assert torch.cuda.synchronize() is None
+        assert torch.cuda.get_rng_state().numel() == 0
+    finally:
+        monkeypatch.undo()
+        forget()  # the next call configures torch.cuda again, if this machine needs it

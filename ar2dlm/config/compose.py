@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ from ar2dlm.errors import UserError
 
 class ConfigError(UserError):
     """A configuration that cannot run; the message is meant for the user as it is."""
+
+
+# Keys whose ``key=value`` is taken as the literal text after the first "=": Hydra's override grammar would
+# read commas as a sweep, quotes and brackets as syntax and ${...} as an interpolation.
+VERBATIM_KEYS: dict[str, tuple[str, ...]] = {"generate": ("prompt", "prompt_file")}
 
 
 def recipes_dir() -> Path:
@@ -95,10 +101,13 @@ def compose_stage(stage: str, overrides: list[str] | None = None, require_comple
     """Compose, type-check and (unless ``require_complete`` is False) fully validate a stage's config."""
     if stage not in STAGE_SCHEMAS:
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_SCHEMAS)}")
-    bad = [item for item in overrides or [] if "=" not in item]
+    verbatim, overrides = _split_verbatim(stage, list(overrides or []))
+    bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad[0]!r}")
-    cfg = _check_types(stage, _hydra_compose(stage, list(overrides or [])))
+    cfg = _check_types(stage, _hydra_compose(stage, overrides))
+    for key, value in verbatim.items():
+        cfg[key] = _literal(value)
     if require_complete:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
@@ -108,6 +117,24 @@ def compose_stage(stage: str, overrides: list[str] | None = None, require_comple
             raise ConfigError("; ".join(problems))
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _split_verbatim(stage: str, overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The stage's verbatim ``key=value`` items (the last one of a key wins), and the other overrides."""
+    keys = VERBATIM_KEYS.get(stage, ())
+    verbatim, rest = {}, []
+    for item in overrides:
+        key, equals, value = item.partition("=")
+        if equals and key in keys:
+            verbatim[key] = value
+        else:
+            rest.append(item)
+    return verbatim, rest
+
+
+def _literal(text: str) -> str:
+    """``text`` escaped so that OmegaConf returns it as it is (no ${...} interpolation)."""
+    return re.sub(r"(\\*)\$\{", lambda match: match.group(1) * 2 + "\\${", text)
 
 
 def stage_keys(stage: str, overrides: list[str] | None = None) -> list[tuple[str, Any]]:

@@ -72,7 +72,7 @@ class TrainLoopConfig:
     fp8: str | None = None  # null | hybrid | e4m3
     fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8
     recompute: str = "none"  # none | full | selective
-    log_interval: int = 1
+    log_interval: int = 10  # console log line (stderr not a terminal), tensorboard, wandb: every N steps
     eval_interval: int = 0
 
 
@@ -140,7 +140,8 @@ class ExportStage:
 class GenerateStage:
     model: str = "???"
     mode: str = "self_spec"  # ar | diffusion | self_spec
-    prompt: str = "???"
+    prompt: str | None = None  # taken verbatim (see ar2dlm.config.compose.VERBATIM_KEYS); or prompt_file
+    prompt_file: str | None = None  # a UTF-8 text file, "-" for stdin
     max_new_tokens: int = 64
     block_length: int = 32
     threshold: float = 0.9
@@ -153,6 +154,7 @@ class GenerateStage:
 class EvalStage:
     model: str = "???"
     output: str = "???"
+    overwrite: bool = False
     tasks: list[str] = field(default_factory=lambda: ["demo"])  # demo | demo:N | jsonl:PATH (see ar2dlm.eval.tasks)
     modes: list[str] = field(default_factory=lambda: ["ar", "diffusion", "self_spec"])
     thresholds: list[float] = field(default_factory=lambda: [0.9])
@@ -160,6 +162,7 @@ class EvalStage:
     block_lengths: list[int] = field(default_factory=list)  # a block-length sweep; empty: [block_length]
     max_new_tokens: int = 64
     batch_size: int = 8
+    decode_alone: bool = False  # decode diffusion / self_spec again one prompt at a time: exact NFE per example
     limit: int | None = None  # at most this many examples per task
     seed: int = 1234  # demo task split and ELBO noise
     perplexity: bool = True  # AR perplexity and diffusion ELBO of held-out texts

@@ -93,6 +93,10 @@ def _training_rules(cfg: DictConfig) -> Iterator[str]:
         yield "data.sources weights must sum to a positive number"
     if diffusion.clean_pattern == "bidirectional" and train.objective != "diffusion":
         yield "diffusion.clean_pattern=bidirectional is the single-stream baseline: it needs train.objective=diffusion"
+    if diffusion.clean_pattern == "block_causal" and train.objective == "joint":
+        yield ("diffusion.clean_pattern=block_causal lets a clean token see the next token of its own block, so the "
+               "AR loss of train.objective=joint would learn to copy: use train.objective=diffusion (no AR loss) "
+               "or diffusion.clean_pattern=causal")
 
 
 def _layout_rules(train: DictConfig, parallel: DictConfig) -> Iterator[str]:
@@ -133,6 +137,18 @@ def _generate_rules(cfg: DictConfig) -> Iterator[str]:
     yield from _at_least(cfg, "temperature", 0.0)
 
 
+def _generate_stage_rules(cfg: DictConfig) -> Iterator[str]:
+    yield from _generate_rules(cfg)
+    if cfg.prompt is None and cfg.prompt_file is None:
+        yield "no prompt: give prompt=TEXT (taken as it is) or prompt_file=PATH ('-' reads stdin)"
+    elif cfg.prompt is not None and cfg.prompt_file is not None:
+        yield "give prompt=TEXT or prompt_file=PATH, not both"
+    elif cfg.prompt == "":
+        yield "prompt is empty: give the text to continue, e.g. prompt=\"Hello, my name is\""
+    elif cfg.prompt_file == "":
+        yield "prompt_file is empty: give a path, or '-' to read the prompt from stdin"
+
+
 def _eval_rules(cfg: DictConfig) -> Iterator[str]:
     yield from _generate_rules(cfg)
     yield from _at_least(cfg, "batch_size", 1)
@@ -161,7 +177,7 @@ _STAGE_RULES: dict[str, Callable[[DictConfig], Iterator[str]]] = {
     "convert": _convert_rules,
     "train": _training_rules,
     "export": lambda cfg: iter(()),
-    "generate": _generate_rules,
+    "generate": _generate_stage_rules,
     "eval": _eval_rules,
     "run": _run_rules,
 }

@@ -7,10 +7,12 @@ built), so converting needs about one copy of the model in memory.
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -90,9 +92,21 @@ def log_shard_progress(bridge) -> None:
     source.load_tensors = load_and_report
 
 
+# what megatron-bridge prints for each vocabulary matrix it skips; load_grown_vocabulary fills them instead
+_SKIPPED_VOCAB_LINE = re.compile(r"^WARNING: Shape mismatch for megatron param .* allowed by whitelist\. Skipping\.$")
+
+
 def load_weights(bridge, model_chunks: list, skip_vocab: bool = False) -> None:
     """Stream HF weights into the Megatron model; vocabulary matrices are skipped when resized."""
-    bridge.load_hf_weights(model_chunks, allowed_mismatched_params=list(VOCAB_PARAMS) if skip_vocab else None)
+    if not skip_vocab:
+        bridge.load_hf_weights(model_chunks)
+        return
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        bridge.load_hf_weights(model_chunks, allowed_mismatched_params=list(VOCAB_PARAMS))
+    for line in printed.getvalue().splitlines():
+        if not _SKIPPED_VOCAB_LINE.match(line):
+            print(line)
 
 
 def load_grown_vocabulary(model, hf_dir: Path, weight_files: dict[str, Path], original_rows: int,
@@ -122,6 +136,9 @@ def build_converted_model(hf_dir: Path, hf_config, params_dtype: torch.dtype | N
         vocab_changed = vocab_size != hf_config.vocab_size or bool(initialise_rows)
         load_weights(bridge, chunks, skip_vocab=vocab_changed)
     if vocab_changed:
-        load_grown_vocabulary(chunks[0], hf_dir, weight_files, min(tokenizer_rows, hf_config.vocab_size),
-                              initialise_rows)
+        original_rows = min(tokenizer_rows, hf_config.vocab_size)
+        load_grown_vocabulary(chunks[0], hf_dir, weight_files, original_rows, initialise_rows)
+        logger.info("vocabulary %d -> %d rows: the source's embedding (and output layer) rows are copied; new "
+                    "mask-token row(s) %s start as the mean of its first %d rows", hf_config.vocab_size, vocab_size,
+                    initialise_rows or "none", original_rows)
     return bridge, provider, chunks

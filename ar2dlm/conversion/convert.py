@@ -51,8 +51,9 @@ def convert(source_path: str | Path, output: str | Path, *, mask_token_id: int |
     """Convert ``source_path`` into an ar2dlm checkpoint at ``output``; returns its metadata."""
     from transformers import AutoConfig
 
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, inputs=[source_path])
     source = inspect_source(resolve_source(source_path))
+    check_output_dir(output, overwrite, inputs=[source.path])
     logger.info("source: %s (%s, %d shard(s), %.1f MB)", source.path, source.architecture,
                 len(source.weight_files), source.total_bytes / 1e6)
     tokenizer = _load_tokenizer(source)
@@ -75,6 +76,7 @@ def convert(source_path: str | Path, output: str | Path, *, mask_token_id: int |
         mask_token_reason=choice.reason, block_size=block_size, vocab_size=choice.vocab_size,
         source_vocab_size=source.config["vocab_size"], params_dtype=str(params_dtype).removeprefix("torch."),
         hf_tensor_names=sorted(source.tensors), source=str(source.path),
+        clean_pattern="causal",  # the source is an AR model: its only stream is causal
     )
     with atomic_directory(output, overwrite) as staging:
         hf_dir = staging / HF_DIR
@@ -95,8 +97,9 @@ def run_convert(cfg: DictConfig) -> int:
     from ar2dlm.distributed import ParallelLayout, init_distributed
 
     start = time.perf_counter()
-    check_output_dir(cfg.output, cfg.overwrite)
-    inspect_source(resolve_source(cfg.source))  # fail on bad input before starting process groups
+    check_output_dir(cfg.output, cfg.overwrite, inputs=[cfg.source])
+    source = inspect_source(resolve_source(cfg.source))  # fail on bad input before starting process groups
+    check_output_dir(cfg.output, cfg.overwrite, inputs=[source.path])  # a hub id's local copy
     init_distributed(ParallelLayout())
     metadata = convert(cfg.source, cfg.output, mask_token_id=cfg.mask_token_id, block_size=cfg.block_size,
                        dtype=cfg.dtype, overwrite=cfg.overwrite)

@@ -1,4 +1,4 @@
-"""Choose the diffusion mask token (DESIGN.md 2.5).
+"""Choose the diffusion mask token (docs/design.md §2.5).
 
 In order of preference: the id the user asked for; the tokenizer's own mask token; an unused
 special token the tokenizer already has (Qwen's ``<|fim_pad|>``, Llama 3's reserved tokens, ...);

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from ar2dlm.data.blend import PackedDataset
 from ar2dlm.data.indexed import load_indexed
 from ar2dlm.data.packing import PackedSource
 from ar2dlm.data.sft import encode_conversations
-from ar2dlm.data.sources import ReadStats, Record, iter_records, log_read_stats, resolve_kind
+from ar2dlm.data.sources import ReadStats, Record, iter_records, list_files, log_read_stats, resolve_kind
 from ar2dlm.data.tokenize import (
     DEFAULT_MAX_DOCUMENT_CHARS,
     EncodedBatch,
@@ -38,9 +39,7 @@ def load_store(source, tokenizer, *, sft: bool, strict: bool, block_size: int,
                max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS, batch_size: int = 1000) -> TokenStore:
     """Every document of ``source``, tokenised (or memory-mapped, for an indexed dataset)."""
     if resolve_kind(source) == "indexed":
-        if sft:
-            raise UserError(f"data source {source.path}: an indexed dataset holds pretokenised text without "
-                            "loss masks; SFT needs chat records (JSONL, Parquet or a dataset)")
+        _refuse_indexed_sft(source, sft)
         store = load_indexed(source.path, tokenizer)
     else:
         stats = ReadStats()
@@ -93,17 +92,54 @@ def _eval_source(data_cfg):
     return OmegaConf.create(eval_cfg)
 
 
-def build_datasets(data_cfg, tokenizer, *, seq_length: int, block_size: int,
-                   seed: int) -> tuple[PackedDataset, PackedDataset | None]:
-    """The packed (train, validation) datasets of ``data_cfg`` (validation None when there is none)."""
-    sources = list(data_cfg.sources)
-    if not sources:
+def _check_data_config(data_cfg) -> None:
+    if not data_cfg.sources:
         raise UserError("data.sources is empty: give at least one source (data.sources=[{path: ...}])")
-    weights = [float(s.weight) for s in sources]
+    weights = [float(s.weight) for s in data_cfg.sources]
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"data.sources weights {weights} must be >= 0 and sum to a positive number")
     if data_cfg.eval_path and data_cfg.validation_fraction > 0:
         raise UserError("set either data.eval_path or data.validation_fraction, not both")
+
+
+def check_sources(data_cfg) -> None:
+    """Fail in seconds, before a model loads, on what can be known without a tokenizer: every source (and
+    ``data.eval_path``) exists, has a format it can be read as, its files open, and its first document has the
+    field training reads. A hub dataset given by name is not downloaded here."""
+    _check_data_config(data_cfg)
+    sources = list(data_cfg.sources) + ([_eval_source(data_cfg)] if data_cfg.eval_path else [])
+    for source in sources:
+        kind = resolve_kind(source)
+        if kind == "indexed":
+            _refuse_indexed_sft(source, data_cfg.sft)
+            continue
+        if kind == "hub" and not Path(source.path).expanduser().exists():
+            continue
+        if kind == "files":
+            for path, _ in list_files(source):
+                try:
+                    path.open("rb").close()
+                except OSError as error:
+                    raise UserError(f"data source {path} cannot be read: {error.strerror}") from None
+        records = iter_records(source, sft=data_cfg.sft, strict=data_cfg.strict, stats=ReadStats())
+        first = next(records, None)
+        records.close()
+        if first is None:
+            raise UserError(f"data source {source.path} has no documents")
+
+
+def _refuse_indexed_sft(source, sft: bool) -> None:
+    if sft:
+        raise UserError(f"data source {source.path}: an indexed dataset holds pretokenised text without "
+                        "loss masks; SFT needs chat records (JSONL, Parquet or a dataset)")
+
+
+def build_datasets(data_cfg, tokenizer, *, seq_length: int, block_size: int,
+                   seed: int) -> tuple[PackedDataset, PackedDataset | None]:
+    """The packed (train, validation) datasets of ``data_cfg`` (validation None when there is none)."""
+    _check_data_config(data_cfg)
+    sources = list(data_cfg.sources)
+    weights = [float(s.weight) for s in sources]
     layout, pad = _layout(data_cfg), pad_id(tokenizer)
     options = dict(sft=data_cfg.sft, strict=data_cfg.strict, block_size=block_size,
                    max_document_chars=data_cfg.max_document_chars)

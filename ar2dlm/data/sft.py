@@ -2,10 +2,11 @@
 
 A conversation is rendered once with ``tokenizer.apply_chat_template``. The characters of assistant turn i are
 those that ``render(messages[:i+1])`` adds to ``render(messages[:i], add_generation_prompt=True)``; the
-tokens that overlap them get loss_mask 1, every other token (system, user, template headers) 0. Each response
-is then followed by EOS tokens (loss_mask 1) so that its length is a whole number of diffusion blocks: a
-response of n tokens gets ``(-n) % block_size`` EOS, as the published diffusion SFT recipes do, so the model
-learns to fill the rest of its last block with EOS.
+tokens that overlap them get loss_mask 1, every other token (system, user, template headers) 0: prompts are
+never noised nor scored. The final response alone is followed by EOS tokens (loss_mask 1) up to the next
+multiple of ``block_size`` counted from the start of the chat (where training counts its blocks), as
+ZHZisZZ/dllm's EOS-block collator does, so the model learns to fill the rest of its last block with EOS;
+earlier responses get none, since inference never sees EOS runs inside a conversation.
 
 A chat cannot be cut into pieces without losing its turns: one longer than ``max_chars`` characters
 (``data.max_document_chars``) is refused with its location instead of exhausting the memory.
@@ -79,7 +80,7 @@ def _check_chat_length(length: int, where: str, max_chars: int) -> None:
 def encode_conversations(tokenizer, records: list[Record], block_size: int,
                          max_chars: int = DEFAULT_MAX_DOCUMENT_CHARS) -> EncodedBatch:
     """Tokenise a batch of chats, at most ``max_chars`` characters per tokenizer call; loss mask on the
-    responses and on their block-rounding EOS."""
+    responses and on the EOS fill after the last one."""
     if not tokenizer.is_fast:
         raise UserError("SFT needs a fast (Rust) tokenizer: it maps responses to tokens by character offsets")
     template = chat_template(tokenizer)
@@ -97,26 +98,23 @@ def encode_conversations(tokenizer, records: list[Record], block_size: int,
                             return_offsets_mapping=True, return_attention_mask=False, verbose=False)
         for ids, offsets, (_, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], group,
                                             strict=True):
-            ids, mask = _mask_and_round(np.asarray(ids, dtype=TOKEN_DTYPE),
-                                        np.asarray(offsets).reshape(-1, 2), spans, block_size, eos)
+            ids, mask = _mask_and_fill(np.asarray(ids, dtype=TOKEN_DTYPE),
+                                       np.asarray(offsets).reshape(-1, 2), spans, block_size, eos)
             tokens.append(ids)
             masks.append(mask)
     lengths = np.array([len(t) for t in tokens], dtype=np.int64)
     return EncodedBatch(np.concatenate(tokens), lengths, np.concatenate(masks))
 
 
-def _mask_and_round(ids: np.ndarray, offsets: np.ndarray, spans: list[tuple[int, int]], block_size: int,
-                    eos: int) -> tuple[np.ndarray, np.ndarray]:
-    pieces, masks, cursor = [], [], 0
+def _mask_and_fill(ids: np.ndarray, offsets: np.ndarray, spans: list[tuple[int, int]], block_size: int,
+                   eos: int) -> tuple[np.ndarray, np.ndarray]:
+    mask = np.zeros(len(ids), bool)
+    end_of_responses = 0
     for start, end in spans:
         inside = np.flatnonzero((offsets[:, 0] < end) & (offsets[:, 1] > start))
-        if not len(inside):
-            continue
-        first, last = int(inside[0]), int(inside[-1]) + 1
-        padding = (-(last - first)) % block_size
-        pieces += [ids[cursor:first], ids[first:last], np.full(padding, eos, dtype=ids.dtype)]
-        masks += [np.zeros(first - cursor, bool), np.ones(last - first + padding, bool)]
-        cursor = last
-    pieces.append(ids[cursor:])
-    masks.append(np.zeros(len(ids) - cursor, bool))
-    return np.concatenate(pieces), np.concatenate(masks)
+        if len(inside):
+            mask[inside[0]:inside[-1] + 1] = True
+            end_of_responses = int(inside[-1]) + 1
+    fill = (-end_of_responses) % block_size
+    return (np.concatenate([ids[:end_of_responses], np.full(fill, eos, dtype=ids.dtype), ids[end_of_responses:]]),
+            np.concatenate([mask[:end_of_responses], np.ones(fill, bool), mask[end_of_responses:]]))

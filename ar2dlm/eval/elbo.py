@@ -1,7 +1,7 @@
 """The diffusion negative ELBO of held-out texts, computed with an exported HF model.
 
-This is the training objective's diffusion term (DESIGN 2.3-2.4) evaluated in one forward per noise
-draw: the doubled sequence ``[x_t ; x_0]``, both halves with position ids 0..L-1, under the DESIGN 2.2
+This is the training objective's diffusion term (docs/design.md §2.3-2.4) evaluated in one forward per noise
+draw: the doubled sequence ``[x_t ; x_0]``, both halves with position ids 0..L-1, under the docs/design.md §2.2
 mask (noisy->noisy same block; noisy->clean key block strictly earlier; clean->clean causal;
 clean->noisy never) passed to the HF model as a 4D additive float mask. Each text is one document
 starting at position 0 (blocks counted from its start); padding keys are never attended.

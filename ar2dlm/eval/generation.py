@@ -4,8 +4,9 @@ Prompts are encoded as the demo trains (the tokenizer's own special tokens, no c
 padded into batches with an ``attention_mask``, and decoded greedily (temperature 0) by
 ``ar_generate`` / ``generate`` / ``linear_spec_generate``. Per-example NFE and cycles are those of
 decoding the example alone (see :mod:`ar2dlm.eval.metrics`): taken from the batched call's
-``last_decode_stats`` where they can be (batch 1, or AR), otherwise from a second pass that decodes
-each example alone; that pass also checks that batching did not change any output.
+``last_decode_stats`` where they can be (batch 1, or AR), otherwise, when asked (``decode_alone``), from a
+second pass that decodes each example alone; that pass also checks that batching did not change any
+output. Without it those examples carry their batch's NFE (:func:`ar2dlm.eval.metrics.batch_costs`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ar2dlm.eval.metrics import (
     ModeResult,
     alone_costs,
     answer_from_text,
+    batch_costs,
     exact_match,
     summarize,
 )
@@ -122,7 +124,7 @@ def batches(items: Sequence, size: int) -> list[Sequence]:
     return [items[start:start + size] for start in range(0, len(items), size)]
 
 
-def decode_alone(model, rows: Sequence[Sequence[int]], config: DecodeConfig, pad_id: int
+def decode_each_alone(model, rows: Sequence[Sequence[int]], config: DecodeConfig, pad_id: int
                  ) -> tuple[list[list[int]], list[tuple[int, int]]]:
     """Each prompt decoded alone: its new tokens and (NFE, cycles)."""
     outputs, costs = [], []
@@ -134,8 +136,12 @@ def decode_alone(model, rows: Sequence[Sequence[int]], config: DecodeConfig, pad
 
 
 def evaluate_setting(model, tokenizer, examples: Sequence, encoded: Sequence[Sequence[int]],
-                     config: DecodeConfig, batch_size: int, warmup: bool = True) -> ModeResult:
-    """Decode every example in ``config`` with batches of ``batch_size`` and aggregate the metrics."""
+                     config: DecodeConfig, batch_size: int, warmup: bool = True, decode_alone: bool = False
+                     ) -> ModeResult:
+    """Decode every example in ``config`` with batches of ``batch_size`` and aggregate the metrics.
+
+    ``decode_alone``: decode again, one at a time, the examples whose cost alone the batched call does not
+    give (diffusion and self-speculation in batches of more than one); otherwise they get the batch's."""
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be >= 1")
     pad_id = pad_token_id(model, tokenizer)
@@ -154,11 +160,11 @@ def evaluate_setting(model, tokenizer, examples: Sequence, encoded: Sequence[Seq
         row_costs = alone_costs(decoded.stats, config.mode)
         if row_costs is None:
             missing.extend(range(start, start + len(chunk)))
-            row_costs = [None] * len(chunk)
+            row_costs = [None] * len(chunk) if decode_alone else batch_costs(decoded.stats)
         costs.extend(row_costs)
     mismatches = 0
-    if missing:
-        alone_outputs, alone = decode_alone(model, [encoded[i] for i in missing], config, pad_id)
+    if missing and decode_alone:
+        alone_outputs, alone = decode_each_alone(model, [encoded[i] for i in missing], config, pad_id)
         for index, output, cost in zip(missing, alone_outputs, alone, strict=True):
             costs[index] = cost
             mismatches += output != outputs[index]
@@ -169,7 +175,7 @@ def evaluate_setting(model, tokenizer, examples: Sequence, encoded: Sequence[Seq
     rows = [score_example(example, tokenizer, new_ids, cost, eos)
             for example, new_ids, cost in zip(examples, outputs, costs, strict=True)]
     return summarize(config.mode, config.block_length, config.threshold, rows, seconds, batch_forwards,
-                     mismatches)
+                     mismatches, nfe_basis="batch" if missing and not decode_alone else "alone")
 
 
 def eos_ids(model) -> set[int]:

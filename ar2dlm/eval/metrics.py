@@ -6,7 +6,9 @@ Definitions (every one is independent of the evaluation batch size):
   ``max_new_tokens`` when there is none): ``last_decode_stats.new_tokens`` of its row.
 - **NFE of an example**: the model forward passes needed to decode that example *alone* (batch 1),
   prefill included: what the runtime returns at batch size 1. A batched call reports one NFE for the
-  whole batch (the slowest row's), so it is not used as is; see :func:`alone_costs`.
+  whole batch (the slowest row's), so it is not used as is; see :func:`alone_costs`. Diffusion and
+  self-speculation rows need a second pass, one example at a time, for that (``decode_alone``); without
+  it their NFE and cycles are the batch's (:func:`batch_costs`, an upper bound; ``nfe_basis`` "batch").
 - **tokens per forward (TPF)**: sum of generated tokens / sum of per-example NFE over the examples
   (AR is exactly 1).
 - **acceptance length** (self-speculation): tokens committed per verify cycle = accepted draft tokens
@@ -59,6 +61,7 @@ class ModeResult:
     tokens_per_second: float
     batch_forwards: int  # forward passes the batched calls ran (depends on the batch size)
     batch_mismatches: int = 0  # examples whose batched output differs from the output decoded alone
+    nfe_basis: str = "alone"  # "batch": some examples carry their batch's NFE and cycles (see batch_costs)
     rows: list[ExampleResult] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -113,6 +116,12 @@ def alone_costs(stats, mode: str) -> list[tuple[int, int]] | None:
     return None
 
 
+def batch_costs(stats) -> list[tuple[int, int]]:
+    """Each row charged the (NFE, cycles) of the whole batched call: every pass of the batch ran for it, so
+    this bounds what decoding it alone costs from above (exact for a batch of one)."""
+    return [(int(stats.nfe), int(stats.cycles))] * len(stats.new_tokens)
+
+
 def task_accuracy(rows: Sequence[ExampleResult]) -> dict[str, float]:
     """Accuracy per task name, tasks in order of first appearance."""
     by_task: dict[str, list[bool]] = defaultdict(list)
@@ -122,7 +131,8 @@ def task_accuracy(rows: Sequence[ExampleResult]) -> dict[str, float]:
 
 
 def summarize(mode: str, block_length: int | None, threshold: float | None, rows: list[ExampleResult],
-              seconds: float, batch_forwards: int, batch_mismatches: int = 0) -> ModeResult:
+              seconds: float, batch_forwards: int, batch_mismatches: int = 0, nfe_basis: str = "alone"
+              ) -> ModeResult:
     """Aggregate the per-example results of one setting."""
     count = len(rows)
     tokens = sum(row.new_tokens for row in rows)
@@ -137,5 +147,5 @@ def summarize(mode: str, block_length: int | None, threshold: float | None, rows
         nfe_per_example=nfe / count if count else 0.0, tokens_per_forward=tokens_per_forward(tokens, nfe),
         acceptance_length=acceptance, seconds=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
-        batch_forwards=batch_forwards, batch_mismatches=batch_mismatches, rows=rows,
+        batch_forwards=batch_forwards, batch_mismatches=batch_mismatches, nfe_basis=nfe_basis, rows=rows,
     )

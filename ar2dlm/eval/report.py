@@ -82,6 +82,11 @@ def render_markdown(report: dict) -> str:
     lines += ["NFE: forward passes per example decoded alone; tokens/forward = generated tokens (EOS included)"
               " / NFE; acceptance: tokens committed per self-speculation verify cycle; tokens/s: batched"
               " wall-clock throughput.", ""]
+    batched = sorted({r["mode"] for r in report["results"] if r.get("nfe_basis") == "batch"})
+    if batched:
+        lines += [f"{' and '.join(batched)}: each example is charged the NFE and cycles of the batch of "
+                  f"{settings.get('batch_size')} it was decoded in, an upper bound of decoding it alone "
+                  "(tokens/forward and acceptance are lower bounds); `decode_alone=true` measures each alone.", ""]
     if report.get("plot"):
         lines += [f"![accuracy vs tokens per forward]({report['plot']})", ""]
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from ar2dlm.eval.likelihood import encode_texts, perplexity
 from ar2dlm.eval.metrics import ModeResult
 from ar2dlm.eval.report import machine_info, markdown_table, now, write_report
 from ar2dlm.eval.tasks import load_tasks, load_texts
+from ar2dlm.fs import atomic_directory, check_output_dir
 from ar2dlm.log import logger
 
 MODES = ("ar", "diffusion", "self_spec")
@@ -47,6 +48,7 @@ class EvalSettings:
     perplexity: bool = True
     elbo_draws: int = 4
     warmup: bool = True  # one short untimed decoding call before each setting
+    decode_alone: bool = False  # see ar2dlm.eval.generation.evaluate_setting
     extra: dict = field(default_factory=dict)  # recorded in the report's settings as given
 
     def check(self) -> None:
@@ -90,7 +92,7 @@ def sweep(model, tokenizer, examples: Sequence, settings: EvalSettings) -> list[
     results = []
     for config in sweep_configs(settings):
         result = evaluate_setting(model, tokenizer, examples, encoded, config, settings.batch_size,
-                                  warmup=settings.warmup)
+                                  warmup=settings.warmup, decode_alone=settings.decode_alone)
         logger.info("%s block=%s threshold=%s: accuracy %.3f, tokens/forward %.2f, %.1f tokens/s",
                     config.mode, config.block_length, config.threshold, result.accuracy,
                     result.tokens_per_forward, result.tokens_per_second)
@@ -135,6 +137,7 @@ def report_settings(model, examples: Sequence, settings: EvalSettings) -> dict:
         "block_lengths": list(settings.block_lengths), "thresholds": list(settings.thresholds),
         "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, "seed": settings.seed,
         "temperature": 0.0, "elbo_draws": settings.elbo_draws if settings.perplexity else 0,
+        "decode_alone": settings.decode_alone,
         "dtype": str(model.dtype).replace("torch.", ""), "ar2dlm": __version__, "date": now(),
         "machine": machine_info(model.device),
     }
@@ -147,7 +150,7 @@ def settings_from_config(cfg: DictConfig) -> EvalSettings:
         modes=tuple(cfg.modes), thresholds=tuple(float(t) for t in cfg.thresholds),
         block_lengths=tuple(int(b) for b in block_lengths), max_new_tokens=int(cfg.max_new_tokens),
         batch_size=int(cfg.batch_size), seed=int(cfg.get("seed", 1234)), perplexity=bool(cfg.get("perplexity", True)),
-        elbo_draws=int(cfg.get("elbo_draws", 4)),
+        elbo_draws=int(cfg.get("elbo_draws", 4)), decode_alone=bool(cfg.get("decode_alone", False)),
         extra={"model": str(cfg.model), "tasks": list(cfg.tasks), "limit": cfg.limit},
     )
     settings.check()
@@ -156,19 +159,23 @@ def settings_from_config(cfg: DictConfig) -> EvalSettings:
 
 def run_eval(cfg: DictConfig) -> int:
     """Entry point of `ar2dlm eval`."""
-    from ar2dlm.runtime.generate_cli import check_export, load_export, resolve_device
+    from ar2dlm.runtime.generate_cli import check_export, check_served, load_export, resolve_device
 
+    output = check_output_dir(cfg.output, cfg.get("overwrite", False), inputs=[cfg.model])
     settings = settings_from_config(cfg)
     examples = load_tasks(list(cfg.tasks), seed=settings.seed, limit=cfg.limit)
     texts = load_texts(cfg.perplexity_texts) if cfg.get("perplexity_texts") else None
     model_dir = Path(cfg.model).expanduser()
-    check_export(model_dir)
+    config = check_export(model_dir)
+    check_served(model_dir, config, [m for m in settings.modes if m != "ar"]
+                 + (["the diffusion ELBO (elbo_draws > 0)"] if settings.perplexity and settings.elbo_draws else []))
     device = resolve_device(cfg.get("device", "auto"))
     logger.info("evaluating %s on %s: %d examples", model_dir, device, len(examples))
     tokenizer, model = load_export(model_dir, device)
     report = evaluate_model(model, tokenizer, examples, settings, texts=texts)
     rows = report.pop("rows")
-    paths = write_report(report, Path(cfg.output).expanduser(), rows=rows)
-    logger.info("wrote %s", ", ".join(str(path) for path in paths.values()))
+    with atomic_directory(output, cfg.get("overwrite", False)) as staging:
+        paths = write_report(report, staging, rows=rows)
+    logger.info("wrote %s", ", ".join(str(output / path.name) for path in paths.values()))
     print(markdown_table(report["results"]))
     return 0

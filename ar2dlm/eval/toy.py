@@ -1,4 +1,4 @@
-"""A few steps of the joint AR + diffusion objective (DESIGN 2.4) run directly on an exported HF model.
+"""A few steps of the joint AR + diffusion objective (docs/design.md §2.4) run directly on an exported HF model.
 
 Not a training stage (that is ``ar2dlm train`` on Megatron): a way to turn a tiny random export into one
 that behaves like a trained model, stopping at EOS, committing several tokens per diffusion pass and

@@ -1,6 +1,7 @@
 """The on-disk model checkpoint that `convert` writes and `train` / `export` read.
 
-    DIR/ar2dlm.json   metadata: architecture, mask token, block size, vocabulary, HF tensor names
+    DIR/ar2dlm.json   metadata: architecture, mask token, block size and clean-stream pattern of the
+                      diffusion training, vocabulary, HF tensor names
     DIR/hf/           the source's HF config (vocab_size updated), generation config and tokenizer
     DIR/weights/      megatron-core distributed checkpoint of the model (loads under any TP/PP layout)
 
@@ -10,7 +11,7 @@ The model is rebuilt from ``hf/`` through megatron-bridge, so no source checkpoi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ FORMAT_VERSION = 1
 class CheckpointMetadata:
     architecture: str
     mask_token_id: int
-    block_size: int
+    block_size: int  # convert's block_size, replaced by diffusion.block_size once a run trains diffusion
     vocab_size: int
     source_vocab_size: int
     params_dtype: str
@@ -41,6 +42,7 @@ class CheckpointMetadata:
     mask_token_reason: str = ""
     source: str = ""
     step: int = 0
+    clean_pattern: str | None = None  # diffusion.clean_pattern trained with; None: written before ar2dlm kept it
     extra: dict = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -49,6 +51,10 @@ class CheckpointMetadata:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.params_dtype)
+
+    def trained_with(self, block_size: int, clean_pattern: str) -> CheckpointMetadata:
+        """This metadata for weights trained with these diffusion settings (export writes them into config.json)."""
+        return replace(self, block_size=int(block_size), clean_pattern=str(clean_pattern))
 
 
 def write_metadata(directory: Path, metadata: CheckpointMetadata) -> None:

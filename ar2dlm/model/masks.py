@@ -1,4 +1,4 @@
-"""Attention masks for block-diffusion training (DESIGN.md section 2.2), as pure functions.
+"""Attention masks for block-diffusion training (docs/design.md §2.2), as pure functions.
 
 Convention: a mask is a boolean tensor where **True means "query may attend to key"** (the
 convention of ``torch.nn.functional.scaled_dot_product_attention`` and FlexAttention's

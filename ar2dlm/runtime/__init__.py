@@ -11,6 +11,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
 )
 SERVING_ALGORITHMS: tuple[str, ...] = ("LinearSpec", "FastDiffuser")
+SERVED_CLEAN_PATTERN = "causal"  # the runtime's diffusion and self-speculation read a causal prefix cache
 
 
 def runtime_class_name(architecture: str) -> str:
@@ -22,9 +23,9 @@ def runtime_class_name(architecture: str) -> str:
 
 
 def install_runtime(hf_dir: Path, *, architecture: str, mask_token_id: int, block_size: int,
-                    threshold: float = 0.9) -> None:
-    """Copy the runtime files into ``hf_dir`` and record auto_map, mask id, block size, threshold and
-    the dLLM serving hints in its config.json."""
+                    threshold: float = 0.9, clean_pattern: str = SERVED_CLEAN_PATTERN) -> None:
+    """Copy the runtime files into ``hf_dir`` and record auto_map, mask id, the training's block size and
+    clean-stream pattern, threshold and the dLLM serving hints in its config.json."""
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -40,7 +41,7 @@ def install_runtime(hf_dir: Path, *, architecture: str, mask_token_id: int, bloc
     config = json.loads(config_path.read_text())
     config["auto_map"] = {"AutoModelForCausalLM": f"modeling_ar2dlm.{class_name}"}
     config.update(mask_token_id=int(mask_token_id), block_size=int(block_size),
-                  diffusion_threshold=float(threshold))
+                  diffusion_threshold=float(threshold), clean_pattern=str(clean_pattern))
     config["dllm"] = {"algorithms": list(SERVING_ALGORITHMS), "block_size": int(block_size),
-                      "mask_token_id": int(mask_token_id), "causal_context": True}
+                      "mask_token_id": int(mask_token_id), "causal_context": clean_pattern == SERVED_CLEAN_PATTERN}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -251,7 +251,7 @@ def _denoise_step(logits: torch.Tensor, block: torch.Tensor, committed: torch.Te
 
 def diffusion_decode(model, input_ids, attention_mask, settings: DecodeSettings
                      ) -> tuple[torch.Tensor, DecodeStats]:
-    """Block diffusion with a causal prefix cache (DESIGN 3). Rows move through blocks in lockstep.
+    """Block diffusion with a causal prefix cache (docs/design.md §4.4). Rows move through blocks in lockstep.
 
     NFE = 1 (prefill) + one pass per denoising step of each block that has masked positions + one
     causal pass per finished block that is followed by another block (the last block's is skipped)."""

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from ar2dlm.errors import UserError
 from ar2dlm.log import logger
-from ar2dlm.runtime import RUNTIME_FILES
+from ar2dlm.runtime import RUNTIME_FILES, SERVED_CLEAN_PATTERN
 from ar2dlm.runtime.loading import load_runtime_model
 
 MODES = ("ar", "diffusion", "self_spec")
@@ -74,6 +74,16 @@ def check_export(model_dir: Path) -> dict:
     if config.get("mask_token_id") is None:
         raise UserError(f"{config_path} has no mask_token_id: export the model with `ar2dlm export`")
     return config
+
+
+def check_served(model_dir: Path, config: dict, asked: list[str]) -> None:
+    """UserError when ``asked`` (diffusion decoding modes, the ELBO) needs a causal clean stream that the export's
+    training did not have (config.json ``clean_pattern``; exports before ar2dlm recorded it are causal)."""
+    pattern = config.get("clean_pattern") or SERVED_CLEAN_PATTERN
+    if asked and pattern != SERVED_CLEAN_PATTERN:
+        raise UserError(f"{model_dir} was trained with diffusion.clean_pattern={pattern}: {' and '.join(asked)} "
+                        f"would read a {SERVED_CLEAN_PATTERN} prefix cache, which it was not trained for; only AR "
+                        "decoding (mode ar) serves it")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,13 +165,17 @@ def decode(model, tokenizer, ids: list[int], mode: str, max_new_tokens: int, blo
 
 def run_generate(cfg: DictConfig) -> int:
     """Entry point of `ar2dlm generate`."""
+    from ar2dlm.prompt_input import read_prompt
+
     check_arguments(cfg.mode, cfg.max_new_tokens, cfg.block_length, cfg.threshold, cfg.temperature)
+    prompt = read_prompt(cfg)
     model_dir = Path(cfg.model).expanduser()
     config = check_export(model_dir)
+    check_served(model_dir, config, [cfg.mode] if cfg.mode != "ar" else [])
     device = resolve_device(cfg.device)
     logger.info("loading %s (%s) on %s", model_dir, (config.get("architectures") or ["?"])[0], device)
     tokenizer, model = load_export(model_dir, device)
-    ids = encode_prompt(tokenizer, cfg.prompt, config.get("max_position_embeddings"), cfg.max_new_tokens)
+    ids = encode_prompt(tokenizer, prompt, config.get("max_position_embeddings"), cfg.max_new_tokens)
     result = decode(model, tokenizer, ids, cfg.mode, cfg.max_new_tokens, cfg.block_length, cfg.threshold,
                     cfg.temperature)
     print(result.text)

@@ -4,9 +4,13 @@
 causal LM (same tensor names, same ``forward`` and logits) with three decoding modes added:
 
 - ``ar_generate``: autoregressive decoding with a KV cache;
-- ``generate``: block diffusion with a causal prefix cache (this shadows HF's
-  ``GenerationMixin.generate``, as the published runtime does; HF's stays reachable as ``hf_generate``);
+- ``generate``: block diffusion with a causal prefix cache, as the published runtime names it; a call in
+  HF's style (``do_sample=``, ``generation_config=``, ``pipeline``, ...) reaches HF's ``GenerationMixin.generate``
+  (also ``hf_generate``);
 - ``linear_spec_generate``: self-speculation (bidirectional draft, causal verify), lossless.
+
+Diffusion and self-speculation serve models whose clean stream was trained causal (``config.clean_pattern``);
+they refuse any other pattern.
 
 Each takes a left-padded ``input_ids`` [B, S] (``attention_mask`` 1 = real token) and returns
 ``(sequences, nfe)``: the prompt followed by exactly ``max_new_tokens`` slots (padded after EOS) and
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    GenerationConfig,
     GenerationMixin,
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -33,6 +38,7 @@ from transformers import (
 from .decoding_ar2dlm import DecodeSettings, DecodeStats, ar_decode, diffusion_decode, linear_spec_decode
 
 DEFAULT_THRESHOLD = 0.9
+SERVED_CLEAN_PATTERN = "causal"  # the clean stream a causal prefix cache reproduces (config.clean_pattern)
 
 
 class TriModeMixin:
@@ -49,11 +55,27 @@ class TriModeMixin:
             input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=False)
         return self._run(ar_decode, input_ids, attention_mask, settings)
 
+    def generate(self, input_ids=None, max_new_tokens=None, block_length=None, threshold=None, temperature=None,
+                 eos_token_id=None, attention_mask=None, **hf_kwargs):
+        """Block-diffusion decoding (docs/design.md §4.4) when called with NLD's arguments only; defaults:
+        ``config.block_size``, ``config.diffusion_threshold`` (0.9), temperature 0.
+
+        A call in HF's style (any other argument, e.g. ``do_sample``, ``generation_config``, ``max_length``,
+        ``num_beams``, ``streamer``; or no ``max_new_tokens``) runs HF's ``GenerationMixin.generate`` and
+        returns what it returns, so ``model.generate(**enc, do_sample=False)`` and ``pipeline`` work.
+        HF's generate is also ``hf_generate``."""
+        if isinstance(max_new_tokens, GenerationConfig):  # HF's second positional argument
+            hf_kwargs["generation_config"], max_new_tokens = max_new_tokens, None
+        if hf_kwargs or max_new_tokens is None:
+            named = dict(max_new_tokens=max_new_tokens, block_length=block_length, threshold=threshold,
+                         temperature=temperature, eos_token_id=eos_token_id, attention_mask=attention_mask)
+            return self.hf_generate(input_ids, **{k: v for k, v in named.items() if v is not None}, **hf_kwargs)
+        return self._diffusion_generate(input_ids, max_new_tokens, block_length, threshold,
+                                        0.0 if temperature is None else temperature, eos_token_id, attention_mask)
+
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, block_length=None, threshold=None, temperature=0.0,
-                 eos_token_id=None, attention_mask=None):
-        """Block-diffusion decoding (DESIGN 3). Defaults: ``config.block_size`` and
-        ``config.diffusion_threshold`` (0.9). HF's ``GenerationMixin.generate`` is ``hf_generate``."""
+    def _diffusion_generate(self, input_ids, max_new_tokens, block_length, threshold, temperature, eos_token_id,
+                            attention_mask):
         block_length = self._default_block_length(block_length)
         if threshold is None:
             threshold = getattr(self.config, "diffusion_threshold", DEFAULT_THRESHOLD)
@@ -98,8 +120,10 @@ class TriModeMixin:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"context window ({context})")
         mask_id = getattr(self.config, "mask_token_id", None)
-        if needs_mask and mask_id is None:
-            raise ValueError("config.mask_token_id is not set: this checkpoint was not exported by ar2dlm")
+        if needs_mask:
+            if mask_id is None:
+                raise ValueError("config.mask_token_id is not set: this checkpoint was not exported by ar2dlm")
+            _check_clean_pattern(self.config)
         eos_ids = self._eos_ids(eos_token_id)
         pad_id = self.config.pad_token_id
         if pad_id is None:
@@ -128,6 +152,15 @@ class TriModeMixin:
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
         return tuple(ids)
+
+
+def _check_clean_pattern(config) -> None:
+    """Diffusion and self-speculation read a causal prefix cache: refuse a model trained for another one."""
+    pattern = getattr(config, "clean_pattern", None) or SERVED_CLEAN_PATTERN  # exports before ar2dlm kept it
+    if pattern != SERVED_CLEAN_PATTERN:
+        raise ValueError(f"this model was trained with the clean-stream pattern {pattern!r} (config.clean_pattern): "
+                         f"diffusion and self-speculation decode over a {SERVED_CLEAN_PATTERN!r} prefix cache, which "
+                         f"it was not trained to read; only ar_generate serves it")
 
 
 def _check_block_length(block_length) -> None:

@@ -1,7 +1,7 @@
 """One micro-batch of the training objective: noise, the (doubled) model input, and the loss terms.
 
 ``objective: joint`` feeds ``[x_t ; x_0]`` through one forward pass: the noisy half gives the
-unshifted diffusion loss, the clean half the shifted AR loss (DESIGN.md 2.1-2.4). ``objective: ar``
+unshifted diffusion loss, the clean half the shifted AR loss (docs/design.md §2.1-2.4). ``objective: ar``
 is a plain causal pass. ``objective: diffusion`` keeps the doubled sequence (the clean half is the
 context the noisy blocks read) but drops the AR term, unless the single-stream ``bidirectional``
 baseline is chosen.

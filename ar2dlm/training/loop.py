@@ -37,15 +37,15 @@ from ar2dlm.training.forward import (
 from ar2dlm.training.loss import objective_weights
 from ar2dlm.training.metrics_file import append_record, truncate_after_step
 from ar2dlm.training.noise import NoiseConfig
-from ar2dlm.training.optim import build_optimizer, build_scheduler
+from ar2dlm.training.optim import build_optimizer, build_scheduler, changed_settings
 from ar2dlm.training.parallel_setup import (
     PRECISION_DTYPES,
     configure_provider,
 )
+from ar2dlm.training.run_output import METRICS_FILE
 from ar2dlm.training.schedule import forward_backward
 from ar2dlm.training.stop_signals import StopRequest, TrainingStopped
 
-METRICS_FILE = "metrics.jsonl"
 VALIDATION_FILE = "validation.jsonl"
 
 
@@ -70,6 +70,8 @@ class Trainer:
         resume_from = self._resume_point()
         start_from = resume_from or Path(cfg.init).expanduser()
         self.metadata = read_metadata(start_from)
+        if cfg.train.objective != "ar":  # what the weights are trained for: export writes it into config.json
+            self.metadata = self.metadata.trained_with(cfg.diffusion.block_size, cfg.diffusion.clean_pattern)
         self.hf_dir = start_from / HF_DIR  # moves to each new checkpoint: older ones are pruned
         seq_length = cfg.data.seq_length
         self.model, _, _ = load_model(start_from, params_dtype=PRECISION_DTYPES[cfg.train.precision],
@@ -129,6 +131,10 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.step = state["step"]
         logger.info("resumed from %s at step %d", checkpoint, self.step)
+        changes = changed_settings(state.get("config"), self.cfg)
+        if changes:
+            logger.info("resume: the learning-rate schedule and optimizer follow this run's settings, not the "
+                        "checkpoint's (%s)", ", ".join(changes))
 
     def _trainer_state(self) -> dict:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
@@ -174,12 +180,12 @@ class Trainer:
         if not math.isfinite(loss):
             raise TrainingDivergedError(f"loss is {loss} at step {step}; stopping without writing a checkpoint "
                                         f"for this step ({self._last_checkpoint_note()})")
+        self.scheduler.step(1)  # step s trains at the schedule's lr(s): with warmup W, lr * s / W from step 1
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = self.optimizer.step()
         if not math.isfinite(grad_norm):
             raise TrainingDivergedError(f"gradient norm is {grad_norm} at step {step}; parameters were not updated "
                                         f"and no checkpoint is written for this step ({self._last_checkpoint_note()})")
-        self.scheduler.step(1)
         elapsed = time.perf_counter() - started
         tokens = self.cfg.train.global_batch_size * prepared[0].layout.seq_len  # data tokens (x_0), all ranks
         return {"loss": loss, "ar_loss": float(reduced.ar_loss), "dlm_loss": float(reduced.dlm_loss),
@@ -213,7 +219,8 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 steps = range(self.step + 1, cfg.train.steps + 1)
-                bar = progress(steps, desc=f"train ({cfg.train.objective})", total=len(steps), unit="step")
+                bar = progress(steps, desc=f"train ({cfg.train.objective})", total=len(steps), unit="step",
+                               log_every=cfg.train.log_interval)
                 for step in bar:
                     self._fit_step(step, history, sinks, bar)
                     signum = stop.requested()
@@ -235,8 +242,7 @@ class Trainer:
         history.append({"step": step, **metrics})
         if is_rank_zero():
             append_record(self.output / METRICS_FILE, history[-1])
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            bar.set_postfix(step_display(metrics, cfg.train.objective))
         if step % cfg.train.log_interval == 0:
             sinks.log({f"train/{k}": v for k, v in metrics.items()}, step)
             logger.debug("step %d %s", step, metrics)
@@ -251,10 +257,24 @@ class Trainer:
             self._save()
 
 
+def step_display(metrics: dict[str, float], objective: str) -> dict[str, str]:
+    """A step's metrics as shown on the progress bar or its log line (the loss terms the objective has)."""
+    shown = {"loss": f"{metrics['loss']:.4f}"}
+    if objective == "joint":
+        shown.update(AR=f"{metrics['ar_loss']:.4f}", diffusion=f"{metrics['dlm_loss']:.4f}")
+    shown.update({"lr": f"{metrics['lr']:.2e}", "grad norm": f"{metrics['grad_norm']:.3f}",
+                  "tokens/s": f"{metrics['tokens_per_s']:,.0f}"})
+    return shown
+
+
 def run_train(cfg: DictConfig) -> int:
     """CLI entry point of `ar2dlm train`; rank 0 holds the output's lock (one run per output) throughout."""
+    from ar2dlm.data.build import check_sources
     from ar2dlm.training.output_lock import output_lock
+    from ar2dlm.training.run_output import check_train_output
 
+    check_train_output(cfg.output, cfg.init, cfg.resume)
+    check_sources(cfg.data)  # a bad data source is one error in seconds, not after the model has loaded
     with output_lock(cfg.output):
         if not (cfg.resume and newest_checkpoint(Path(cfg.output)) is not None):
             read_metadata(cfg.init)  # a bad init is one clear error before process groups start

@@ -1,4 +1,4 @@
-"""Joint AR + diffusion loss from per-token cross entropy (DESIGN.md 2.4).
+"""Joint AR + diffusion loss from per-token cross entropy (docs/design.md §2.4).
 
 The model computes per-token CE (Megatron's vocab-parallel CE given labels); this module turns
 it into sums and token counts that add over micro-batches and data-parallel ranks:

@@ -1,4 +1,4 @@
-"""Training noise: which positions of x_0 are replaced by the mask token (DESIGN.md 2.3).
+"""Training noise: which positions of x_0 are replaced by the mask token (docs/design.md §2.3).
 
 The noise of a row is a pure function of (seed, global sample index, step) and the row's own
 contents (length, loss mask, document layout): never of its place in the batch, the batch size

@@ -5,6 +5,10 @@ CPU: torch AdamW with torch's grad clipping, because megatron-core's optimizer n
 state is exposed as a megatron sharded state dict (the same helpers megatron uses for its FP32
 optimizer), so optimizer checkpoints load under any parallel layout either way.
 The schedule is megatron-core's OptimizerParamScheduler (WSD, cosine, constant; linear warmup).
+
+A resumed run takes the moments and the step count from its checkpoint, and everything else (learning rates,
+schedule, steps, betas, eps, clipping) from its own settings: extending ``train.steps`` or changing
+``optim.lr`` on resume rebuilds the schedule around the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class TorchAdamW:
         self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
                                            eps=optim.adam_eps, weight_decay=optim.weight_decay, foreach=True)
         self.grad_clip = optim.grad_clip
+        self.settings = optim
 
     @property
     def param_groups(self) -> list[dict]:
@@ -100,6 +105,7 @@ class TorchAdamW:
         for per_param in state["state"].values():
             per_param["step"] = torch.tensor(float(step))
         self.optimizer.load_state_dict(state)
+        keep_adam_settings(self.param_groups, self.settings)
 
 
 class MegatronOptimizer:
@@ -115,6 +121,7 @@ class MegatronOptimizer:
             use_distributed_optimizer=distributed,
         )
         self.optimizer = get_megatron_optimizer(config, model_chunks)
+        self.settings = optim
 
     @property
     def param_groups(self) -> list[dict]:
@@ -132,6 +139,17 @@ class MegatronOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+        keep_adam_settings(self.param_groups, self.settings)
+
+
+def keep_adam_settings(param_groups: list[dict], optim: DictConfig) -> None:
+    """Put this run's betas and eps back after loading a checkpoint's parameter groups (the scheduler sets lr and
+    weight decay)."""
+    for group in param_groups:
+        if "betas" in group:
+            group["betas"] = (optim.beta1, optim.beta2)
+        if "eps" in group:
+            group["eps"] = optim.adam_eps
 
 
 def build_optimizer(model_chunks: list, optim: DictConfig, *, use_megatron: bool, bf16: bool = False,
@@ -142,7 +160,12 @@ def build_optimizer(model_chunks: list, optim: DictConfig, *, use_megatron: bool
 
 
 def build_scheduler(optimizer, optim: DictConfig, total_steps: int) -> OptimizerParamScheduler:
-    """megatron-core's scheduler; WSD decays over the last ``decay_fraction`` of the steps."""
+    """megatron-core's scheduler; WSD decays over the last ``decay_fraction`` of the steps.
+
+    Its position is the number of steps taken: the trainer advances it before each step, so step s trains at
+    lr(s) (warmup: ``lr * s / warmup_steps``, never 0). Loading a state dict restores only that position; the
+    schedule itself always comes from ``optim`` and ``total_steps``.
+    """
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
@@ -150,5 +173,24 @@ def build_scheduler(optimizer, optim: DictConfig, total_steps: int) -> Optimizer
         lr_decay_style=_DECAY_STYLE[optim.schedule], start_wd=optim.weight_decay, end_wd=optim.weight_decay,
         wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
         wsd_decay_steps=max(1, round(optim.decay_fraction * total_steps)), lr_wsd_decay_style="linear",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
     return scheduler
+
+
+RESUMABLE_SETTINGS = ("train.steps", "optim.lr", "optim.min_lr", "optim.schedule", "optim.warmup_steps",
+                      "optim.decay_fraction", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.adam_eps",
+                      "optim.grad_clip")
+
+
+def changed_settings(saved: dict | None, cfg: DictConfig) -> list[str]:
+    """``"key old -> new"`` for each optimizer or schedule setting of ``cfg`` that differs from the ``saved`` run's
+    config (a checkpoint's trainer state); empty when there is nothing to compare with."""
+    changes = []
+    for key in RESUMABLE_SETTINGS:
+        section, name = key.split(".")
+        old = (saved or {}).get(section, {}).get(name)
+        new = cfg[section][name]
+        if old is not None and old != new:
+            changes.append(f"{key} {old} -> {new}")
+    return changes

@@ -6,6 +6,7 @@ from ar2dlm.config import ConfigError, compose_stage, recipes_dir, required_keys
 from ar2dlm.config.schema import STAGE_SCHEMAS
 
 REQUIRED = {stage: [f"{key}=x" for key in required_keys(stage)] for stage in STAGE_SCHEMAS}
+REQUIRED["generate"].append("prompt=x")  # prompt=TEXT or prompt_file=PATH: one of the two
 
 
 @pytest.mark.parametrize("stage", list(STAGE_SCHEMAS))
@@ -16,7 +17,8 @@ def test_every_stage_composes_with_its_required_keys(stage):
 
 
 def test_defaults_come_from_the_schema_and_overrides_apply():
-    cfg = compose_stage("train", REQUIRED["train"] + ["train.steps=7", "diffusion.clean_pattern=block_causal"])
+    cfg = compose_stage("train", REQUIRED["train"] + ["train.steps=7", "train.objective=diffusion",
+                                                      "diffusion.clean_pattern=block_causal"])
     assert cfg.train.steps == 7
     assert cfg.diffusion.clean_pattern == "block_causal"
     assert cfg.diffusion.dlm_loss_weight == 0.3 and cfg.diffusion.ar_loss_weight == 1.0

@@ -32,22 +32,53 @@ def _encode(tokenizer, block_size, chat=CHAT):
     return batch.tokens, batch.loss_mask
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 8])
-def test_default_template_masks_prompts_and_rounds_responses_to_blocks(tokenizer, block_size):
-    assert tokenizer.chat_template is None
-    tokens, mask = _encode(tokenizer, block_size)
+THREE_TURNS = [
+    ("what is alpha", "alpha is beta"),
+    ("what is gamma", "gamma is delta epsilon"),
+    ("what is zeta", "eta"),
+]
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 8, 32])
+def test_three_turn_chat_token_by_token(tokenizer, block_size):
+    """Prompts unscored, each response scored with its end-of-turn EOS, and one EOS fill, after the last turn,
+    to the chat's next block boundary."""
+    chat = [message for question, answer in THREE_TURNS
+            for message in ({"role": "user", "content": question}, {"role": "assistant", "content": answer})]
+    tokens, mask = _encode(tokenizer, block_size, chat)
     eos = tokenizer.eos_token_id
-    spans = _spans(mask)
-    assert len(spans) == 2
-    for (start, end), reply in zip(spans, ["gamma is delta epsilon", "eta"], strict=True):
-        assert (end - start) % block_size == 0
-        response = tokenizer(reply, add_special_tokens=False)["input_ids"] + [eos]
-        assert tokens[start:start + len(response)].tolist() == response
-        assert (tokens[start + len(response):end] == eos).all()
-        assert end - start - len(response) == (-len(response)) % block_size
-    prompt_text = tokenizer.decode(tokens[~mask])
-    assert "<|user|>\nwhat is gamma\n" in prompt_text and "<|system|>\nalpha beta\n" in prompt_text
-    assert "delta epsilon" not in prompt_text
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    expected_tokens, expected_mask = [], []
+    for question, answer in THREE_TURNS:
+        prompt, response = ids(f"<|user|>\n{question}\n<|assistant|>\n"), ids(answer) + [eos]
+        expected_tokens += prompt + response
+        expected_mask += [False] * len(prompt) + [True] * len(response)
+    whole = "".join(f"<|user|>\n{q}\n<|assistant|>\n{a}<|eos|>" for q, a in THREE_TURNS)
+    assert ids(whole) == expected_tokens  # the pieces tokenise as the whole chat does
+    fill = (-len(expected_tokens)) % block_size
+    expected_tokens += [eos] * fill
+    expected_mask += [True] * fill
+    assert tokens.tolist() == expected_tokens
+    assert mask.tolist() == expected_mask
+    assert len(tokens) % block_size == 0
+
+
+def test_prompt_tokens_of_a_chat_are_never_noised_nor_ar_targets(tokenizer):
+    import torch
+
+    from ar2dlm.training.loss import ar_target_mask
+    from ar2dlm.training.noise import NoiseConfig, sample_noise
+
+    tokens, mask = _encode(tokenizer, 4)
+    ids, loss_mask = torch.from_numpy(tokens.astype("int64"))[None], torch.from_numpy(mask)[None]
+    config = NoiseConfig(mask_token_id=399, block_size=4)
+    masked = torch.stack([sample_noise(ids, [0], step, 0, config, loss_mask).masked[0] for step in range(50)])
+    assert masked.any(dim=0).tolist() == mask.tolist()  # every response token gets noised at some step, no other
+    targets = torch.nonzero(ar_target_mask(loss_mask)[0]).flatten() + 1  # the token each AR query predicts
+    assert mask[targets.numpy()].all() and len(targets) == mask[1:].sum()
 
 
 def test_tokenizer_template_is_used_when_it_has_one(tokenizer):
@@ -56,10 +87,12 @@ def test_tokenizer_template_is_used_when_it_has_one(tokenizer):
     tokens, mask = _encode(chatml, 4)
     text = chatml.decode(tokens)
     assert text.startswith("<|im_start|>system\nalpha beta<|im_end|>\n") and "<|user|>" not in text
-    responses = [chatml.decode(tokens[s:e]) for s, e in _spans(mask)]
-    assert responses[0].startswith("gamma is delta epsilon<|im_end|>\n")
-    assert responses[1].startswith("eta<|im_end|>\n")
-    assert all((e - s) % 4 == 0 for s, e in _spans(mask))
+    spans = _spans(mask)
+    responses = [chatml.decode(tokens[s:e]) for s, e in spans]
+    assert responses[0] == "gamma is delta epsilon<|im_end|>\n"
+    fill = (-(spans[1][0] + len(chatml("eta<|im_end|>\n", add_special_tokens=False)["input_ids"]))) % 4
+    assert responses[1] == "eta<|im_end|>\n" + "<|eos|>" * fill
+    assert spans[-1][1] % 4 == 0 and spans[-1][1] == len(tokens)
     assert DEFAULT_CHAT_TEMPLATE != CHATML
 
 
@@ -76,7 +109,8 @@ def test_sft_rows_keep_conversations_whole(tokenizer, write_jsonl, data_cfg):
         for doc in np.unique(row.document_ids[row.loss_mask]):
             decoded = tokenizer.decode(row.input_ids[row.document_ids == doc])
             assert decoded.startswith("<|user|>\nwhat is ")
-        assert all((e - s) % 4 == 0 for s, e in _spans(row.loss_mask))
+            positions = np.flatnonzero(row.document_ids == doc)
+            assert (positions[row.loss_mask[positions]][-1] + 1 - positions[0]) % 4 == 0  # fill to a block end
 
 
 def test_pad_mode_sft_has_no_document_ids(tokenizer, write_jsonl, data_cfg):

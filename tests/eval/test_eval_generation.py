@@ -21,7 +21,7 @@ def per_example(result):
 def test_results_do_not_depend_on_the_batch_size(trained, held_out):
     model, tokenizer = trained
     alone = sweep(model, tokenizer, held_out, replace(SETTINGS, batch_size=1))
-    batched = sweep(model, tokenizer, held_out, replace(SETTINGS, batch_size=3))  # 5 examples: 3 + 2
+    batched = sweep(model, tokenizer, held_out, replace(SETTINGS, batch_size=3, decode_alone=True))  # 3 + 2
     # the rows differ (EOS at different places, different acceptance), so a mix-up would show
     assert len({r.new_tokens for r in batched[0].rows}) > 1
     for mode in ("diffusion", "self_spec"):
@@ -35,6 +35,40 @@ def test_results_do_not_depend_on_the_batch_size(trained, held_out):
             assert getattr(one, key) == getattr(three, key), key
         assert three.batch_mismatches == 0
     assert batched[0].batch_forwards < alone[0].batch_forwards  # what the batch ran does depend on it
+
+
+class CountingCalls:
+    """Wraps a model's decoding methods and counts the prompts each one decodes."""
+
+    def __init__(self, model, monkeypatch):
+        self.prompts = {}
+        for name in ("ar_generate", "generate", "linear_spec_generate"):
+            method = getattr(model, name)
+            monkeypatch.setattr(model, name, self.counting(name, method))
+
+    def counting(self, name, method):
+        def call(input_ids, *args, **kwargs):
+            self.prompts[name] = self.prompts.get(name, 0) + input_ids.shape[0]
+            return method(input_ids, *args, **kwargs)
+
+        return call
+
+
+def test_each_prompt_is_decoded_once_unless_decode_alone(trained, held_out, monkeypatch):
+    model, tokenizer = trained
+    calls = CountingCalls(model, monkeypatch)
+    settings = replace(SETTINGS, thresholds=(0.9,), block_lengths=(4,), batch_size=3)
+    results = sweep(model, tokenizer, held_out, settings)
+    assert calls.prompts == {"ar_generate": 5, "generate": 5, "linear_spec_generate": 5}
+    # each example carries the NFE and cycles of its batch (3 + 2 examples): an upper bound of decoding it alone
+    alone = {r.mode: r for r in sweep(model, tokenizer, held_out, replace(settings, batch_size=1))}
+    for result in results:
+        assert result.nfe_basis == ("alone" if result.mode == "ar" else "batch")
+        assert all(row.nfe >= one.nfe for row, one in zip(result.rows, alone[result.mode].rows, strict=True))
+    assert len({row.nfe for row in results[1].rows}) <= 2  # one value per batch
+    calls.prompts.clear()
+    sweep(model, tokenizer, held_out, replace(settings, decode_alone=True))
+    assert calls.prompts == {"ar_generate": 5, "generate": 10, "linear_spec_generate": 10}
 
 
 def test_ar_nfe_per_example_is_the_nfe_of_decoding_alone(tiny, held_out):

@@ -91,7 +91,7 @@ def test_elbo_does_not_depend_on_the_batch_size_and_is_seeded(tiny):
 
 def test_doubled_forward_matches_direct_references(tiny):
     """Clean half == the plain causal forward; noisy block k == a forward over [x_0 before block k ;
-    x_t block k] with the block bidirectional: the DESIGN 2.2 mask, through the HF model, with padding."""
+    x_t block k] with the block bidirectional: the docs/design.md §2.2 mask, through the HF model, with padding."""
     model, tokenizer = tiny
     block = model.config.block_size
     rows = [encode_texts(tokenizer, [text])[0][:11] for text in TEXTS[:2]]

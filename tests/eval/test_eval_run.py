@@ -86,3 +86,23 @@ def test_settings_from_config():
     assert settings.block_lengths == (32,) and settings.thresholds == (0.5, 1.0) and settings.seed == 1234
     with pytest.raises(UserError, match="modes"):
         settings_from_config(OmegaConf.merge(cfg, {"modes": []}))
+
+
+def test_decode_alone_is_off_unless_asked_and_the_report_says_what_nfe_is():
+    from omegaconf import OmegaConf
+
+    from ar2dlm.config.schema import EvalStage
+    from ar2dlm.eval.report import render_markdown
+
+    cfg = OmegaConf.structured(EvalStage(model="m", output="o"))
+    assert settings_from_config(cfg).decode_alone is False
+    assert settings_from_config(OmegaConf.merge(cfg, {"decode_alone": True})).decode_alone is True
+    results = [{"mode": "ar", "block_length": None, "threshold": None, "accuracy": 1.0, "tokens_per_forward": 1.0,
+                "acceptance_length": None, "tokens_per_second": 9.0, "nfe_per_example": 4.0, "nfe_basis": "alone"},
+               {"mode": "self_spec", "block_length": 4, "threshold": None, "accuracy": 1.0, "tokens_per_forward": 2.0,
+                "acceptance_length": 2.5, "tokens_per_second": 9.0, "nfe_per_example": 2.0, "nfe_basis": "batch"}]
+    text = render_markdown({"settings": {"batch_size": 8}, "results": results})
+    assert "self_spec: each example is charged the NFE and cycles of the batch of 8" in text
+    assert "decode_alone=true" in text
+    results[1]["nfe_basis"] = "alone"
+    assert "charged" not in render_markdown({"settings": {"batch_size": 8}, "results": results})

@@ -8,11 +8,11 @@ import pytest
 
 from ar2dlm.data.synthetic import split_corpus
 from ar2dlm.errors import UserError
-from ar2dlm.eval.tasks import load_task, load_tasks, load_texts, parse_demo_options
+from ar2dlm.eval.tasks import DEMO_TRAIN_EXAMPLES, load_task, load_tasks, load_texts, parse_demo_options
 
 
 def test_demo_is_the_held_out_split():
-    train, held_out = split_corpus(2000, 10, 7)
+    train, held_out = split_corpus(DEMO_TRAIN_EXAMPLES, 10, 7)
     examples = load_task("demo:10", seed=7)
     assert examples == held_out
     assert not {e.prompt for e in examples} & {e.prompt for e in train}
@@ -20,13 +20,24 @@ def test_demo_is_the_held_out_split():
 
 
 def test_demo_options_limit_and_prefix_stability():
-    assert parse_demo_options("", seed=3) == {"n": 100, "train": 2000, "seed": 3}
+    assert parse_demo_options("", seed=3) == {"n": 100, "train": DEMO_TRAIN_EXAMPLES, "seed": 3}
     assert parse_demo_options("n=5,train=10,seed=1", seed=3) == {"n": 5, "train": 10, "seed": 1}
     five = load_task("demo:n=5,train=50,seed=1", seed=3)
     assert five == split_corpus(50, 5, 1)[1]
     assert load_task("demo:n=8,train=50,seed=1", seed=3)[:5] == five
     assert load_task("demo:n=8,train=50,seed=1", seed=3, limit=5) == five
     assert len(load_tasks(["demo:3", "demo:2"], seed=0)) == 5
+
+
+def test_demo_default_holds_out_against_what_the_demo_recipe_trains_on():
+    from ar2dlm.config import compose_stage
+
+    demo = compose_stage("run", ["recipe=demo"], require_complete=False)
+    train, _ = split_corpus(demo.demo.train_examples, 0, demo.seed)
+    seen = {example.prompt for example in train}
+    # 3000 prompts: held out against 2,000 training examples only, five of them are among the demo's 20,000
+    held_out = load_task("demo:3000", seed=demo.seed)
+    assert len(held_out) == 3000 and not [e.prompt for e in held_out if e.prompt in seen]
 
 
 def test_jsonl_task(tmp_path):

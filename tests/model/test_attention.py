@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -202,13 +200,29 @@ def test_output_dtype_matches_input(kernel: str) -> None:
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
 
 
-def test_default_scale_is_inverse_sqrt_head_dim() -> None:
+@pytest.mark.parametrize("kernel", ["sdpa", "split", "flex"])
+def test_core_attention_applies_the_layer_softmax_scale(kernel: str, tiny_provider) -> None:
+    """megatron-core hands ``config.softmax_scale`` to our core attention, which must reach every kernel:
+    attention at scale s equals attention at the default 1/sqrt(d) of the queries times s * sqrt(d)."""
+    from ar2dlm.model.core_attention import AttentionLayout, BlockDiffusionCoreAttention
+    from ar2dlm.model.gpt import build_model
+
+    tiny_provider.softmax_scale = 0.05
+    layers = build_model(tiny_provider)[0].decoder.layers
+    assert [layer.self_attention.core_attention.softmax_scale for layer in layers] == [0.05, 0.05]
+    scaled, default = layers[0].self_attention.core_attention, BlockDiffusionCoreAttention(tiny_provider, 1)
     torch.manual_seed(5)
-    q, k, v = make_qkv("doubled_causal", 8, dtype=torch.float64)
-    kw = dict(layout="doubled_causal", block_size=4, seq_len=8)
-    default = block_diffusion_attention(q, k, v, **kw)
-    explicit = block_diffusion_attention(q, k, v, scale=1 / math.sqrt(q.shape[-1]), **kw)
-    torch.testing.assert_close(default, explicit)
+    seq_len, head_dim = 8, tiny_provider.kv_channels
+    q = torch.randn(2 * seq_len, 2, 4, head_dim)  # Megatron's [s, b, heads, d]; 2 query groups
+    k, v = torch.randn(2 * seq_len, 2, 2, head_dim), torch.randn(2 * seq_len, 2, 2, head_dim)
+
+    def layout():
+        return AttentionLayout("doubled_causal", seq_len, block_size=4, kernel=kernel)
+
+    with torch.no_grad():
+        out = scaled(q, k, v, layout())
+        torch.testing.assert_close(out, default(q * 0.05 * head_dim**0.5, k, v, layout()), atol=1e-5, rtol=1e-5)
+        assert (out - default(q, k, v, layout())).abs().max() > 1e-2
 
 
 def test_auto_kernel_selection() -> None:

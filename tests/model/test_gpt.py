@@ -36,8 +36,9 @@ def test_forward_backward_step_with_arbitrary_mask(tiny_provider):
 
 
 def test_the_mask_is_honoured(tiny_provider):
+    torch.manual_seed(0)
     model = build_model(tiny_provider)[0].eval()
-    ids = torch.randint(0, 128, (1, 16))
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
 
     def causal(n):
         return torch.triu(torch.ones(n, n, dtype=torch.bool), 1)[None, None]

@@ -1,4 +1,4 @@
-"""Attention-mask rules (DESIGN.md 2.2): hand-checked matrices, mask_mod == dense, documents, errors."""
+"""Attention-mask rules (docs/design.md §2.2): hand-checked matrices, mask_mod == dense, documents, errors."""
 
 from __future__ import annotations
 

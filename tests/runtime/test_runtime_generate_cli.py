@@ -26,18 +26,23 @@ def export_dir(make_export):
     return make_export("LlamaForCausalLM", name="cli-export", max_position_embeddings=64)
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "self_spec"])
-def test_generate_prints_text_and_stats(mode, export_dir, capsys):
+@pytest.mark.parametrize("mode, nfe", [
+    ("ar", 8),
+    ("diffusion", 1 + 1 + 1 + 1),  # prefill; block C0 F F F in one pass (F at 0.985 >= 0.9); causal pass; F F F F
+    ("self_spec", 1 + 2 * 4),  # prefill: C0; cycles give C1 | C2 | C3 | F F F F (the draft F F F accepted)
+])
+def test_generate_prints_text_and_stats(mode, nfe, known, tiny_tokenizer, capsys):
+    """The known-answer export (tests/runtime/conftest.py) continues "...fox" with C0 C1 C2 C3 F F F F."""
     from ar2dlm.runtime.generate_cli import run_generate
 
-    assert run_generate(generate_config(export_dir, mode=mode)) == 0
-    lines = capsys.readouterr().out.rstrip("\n").split("\n")
-    match = STATS.match(lines[-1])
-    assert match, lines[-1]
-    new_tokens, nfe = int(match.group(1)), int(match.group(2))
-    assert 1 <= new_tokens <= 8 and nfe >= 1
-    if mode == "ar":
-        assert nfe == new_tokens
+    assert run_generate(generate_config(known.path, mode=mode)) == 0
+    *text, stats = capsys.readouterr().out.rstrip("\n").split("\n")
+    match = STATS.match(stats)
+    assert match, stats
+    assert (int(match.group(1)), int(match.group(2))) == (8, nfe)
+    c, f = known.chain, known.fixed
+    expected = {"diffusion": [c[0]] + [f] * 7}.get(mode, list(c) + [f] * 4)
+    assert "\n".join(text) == tiny_tokenizer.decode(expected, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -21,7 +21,20 @@ def test_install_runtime_writes_config_and_files(make_export, tiny_tokenizer):
     assert config["dllm"] == {"algorithms": ["LinearSpec", "FastDiffuser"], "block_size": 4,
                               "mask_token_id": mask_id, "causal_context": True}
     assert config["architectures"] == ["Qwen3ForCausalLM"]  # the source architecture is kept
+    assert config["clean_pattern"] == "causal"
     assert all((path / name).is_file() for name in RUNTIME_FILES)
+
+
+def test_install_runtime_records_the_clean_pattern(make_export):
+    from ar2dlm.runtime import install_runtime
+
+    path = make_export("LlamaForCausalLM")
+    install_runtime(path, architecture="LlamaForCausalLM", mask_token_id=3, block_size=16, clean_pattern="block_causal")
+    config = json.loads((path / "config.json").read_text())
+    assert (config["block_size"], config["clean_pattern"], config["dllm"]["causal_context"]) == (16, "block_causal", False)
+    from ar2dlm.runtime import SERVED_CLEAN_PATTERN, modeling_ar2dlm  # the runtime file keeps its own copy
+
+    assert modeling_ar2dlm.SERVED_CLEAN_PATTERN == SERVED_CLEAN_PATTERN == "causal"
 
 
 def test_install_runtime_rejects_unknown_architecture(make_export):

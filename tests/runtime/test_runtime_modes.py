@@ -139,17 +139,17 @@ def test_nfe_by_hand(load_runtime, prompt_batch):
     assert nfe(model.linear_spec_generate, 1, block_length=4) == 1
 
 
-def test_self_spec_nfe_is_two_per_cycle(load_runtime):
-    model = load_runtime("Qwen2ForCausalLM")
-    ids = torch.tensor([PROMPTS[0]])
+def test_self_spec_nfe_is_two_per_cycle(known):
+    """On the known-answer model (tests/runtime/conftest.py) [S, C0] continues C1 C2 C3 F F ..., and every draft
+    of [seed, M, M, M] is [seed, F, F, F]."""
+    model = known.load()
+    ids = torch.tensor([[known.sink, known.chain[0]]])
     sequences, nfe, made = count_forwards(
         model, lambda: model.linear_spec_generate(ids, 16, block_length=4, eos_token_id=NO_EOS))
-    assert nfe == made
-    # after the prefill's token, 15 to go: each cycle emits 1..4 tokens with 2 forwards, but a cycle
-    # drafting a single position (1 token left) is a verify pass only
-    best, worst = 1 + 2 * 4, 1 + 2 * 14 + 1  # 4+4+4+3 tokens / 15 cycles of one token
-    assert best <= nfe <= worst
-    assert sequences.shape == (1, len(PROMPTS[0]) + 16)
+    # prefill: C1; cycles emit C2 | C3 | F F F F (3 drafts accepted) | F F F F | F F F F with a draft and a verify
+    # pass each; the 16th token is a cycle of one position: a verify pass only
+    assert nfe == made == 1 + 2 * 5 + 1
+    assert sequences[0, 2:].tolist() == list(known.chain[1:]) + [known.fixed] * 13
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM"])
@@ -225,6 +225,18 @@ def test_missing_mask_token_id_raises(load_runtime):
     assert model.ar_generate(torch.tensor([[20, 21]]), 2)[0].shape == (1, 4)  # AR needs no mask token
 
 
+@pytest.mark.parametrize("pattern", ["block_causal", "bidirectional"])
+def test_clean_patterns_the_runtime_does_not_serve_are_refused(pattern, load_runtime):
+    model = load_runtime("LlamaForCausalLM", fresh=True)
+    model.config.clean_pattern = pattern
+    for decode in (model.generate, model.linear_spec_generate):
+        with pytest.raises(ValueError, match=f"clean-stream pattern '{pattern}'"):
+            decode(torch.tensor([[20, 21]]), 4)
+    assert model.ar_generate(torch.tensor([[20, 21]]), 2)[0].shape == (1, 4)
+    model.config.clean_pattern = "causal"
+    assert model.generate(torch.tensor([[20, 21]]), 2)[0].shape == (1, 4)
+
+
 @pytest.mark.parametrize("arch, overrides", [
     ("MistralForCausalLM", {"sliding_window": 3}),
     ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
@@ -241,10 +253,13 @@ def test_sliding_window_models_match_hf(arch, overrides, make_export):
     assert torch.equal(model.linear_spec_generate(ids, 10, block_length=4, eos_token_id=NO_EOS)[0], ar)
 
 
-def test_last_decode_stats(load_runtime, prompt_batch):
-    model = load_runtime("Qwen2ForCausalLM")
-    ids, mask = prompt_batch
+def test_last_decode_stats(known):
+    model = known.load()
+    c = known.chain
+    ids, mask = torch.tensor([[0, known.sink, c[0]], [known.sink, c[1], c[2]]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
     sequences, nfe = model.linear_spec_generate(ids, 9, block_length=4, attention_mask=mask, eos_token_id=NO_EOS)
     stats = model.last_decode_stats
-    assert (stats.mode, stats.nfe, stats.new_tokens) == ("self_spec", nfe, (9, 9, 9))
-    assert 1 <= stats.cycles <= 8 and nfe <= 1 + 2 * stats.cycles
+    # row 0: C1 (prefill) | C2 | C3 | F F F F | F (a draft of [F, M]: a lone mask says O, rejected) | F;
+    # row 1 is done after two cycles: C3 | F F F F | F F F F
+    assert (stats.mode, stats.nfe, stats.cycles, stats.new_tokens) == ("self_spec", nfe, 5, (9, 9))
+    assert nfe == 1 + 2 * 4 + 1

@@ -1,13 +1,18 @@
 """The training loop on CPU: the loss falls, resume is exact, divergence stops cleanly."""
 
+import io
 import json
+import logging
 
 import pytest
 import torch
 
+from ar2dlm.data.loader import eval_batches
 from ar2dlm.errors import UserError
-from ar2dlm.training import schedule
-from ar2dlm.training.loop import Trainer, TrainingDivergedError
+from ar2dlm.training import loop, schedule
+from ar2dlm.training.forward import prepare_batch
+from ar2dlm.training.loop import Trainer, TrainingDivergedError, run_train
+from ar2dlm.training.schedule import forward_backward
 
 
 def _losses(history):
@@ -69,8 +74,9 @@ def test_nan_loss_stops_without_a_poisoned_checkpoint(run_setup, monkeypatch):
         return parts
 
     monkeypatch.setattr(schedule, "loss_parts", poisoned)
-    with pytest.raises(TrainingDivergedError, match="loss is nan at step 3"):
+    with pytest.raises(TrainingDivergedError, match="loss is nan at step 3") as raised:
         Trainer(cfg("train.steps=6", "checkpoint.save_interval=1")).fit()
+    assert raised.value.exit_code == 3
     saved = sorted(p.name for p in (output / "checkpoints").glob("step_*"))
     assert saved == ["step_0000001", "step_0000002"]
 
@@ -82,7 +88,11 @@ def test_validation_loss_every_eval_interval(run_setup):
     trainer.fit()
     records = [json.loads(line) for line in (output / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
-    assert all(0 < r["loss"] < 100 and r["ar_loss"] > 0 and r["dlm_loss"] > 0 for r in records)
+    assert records[-1] == {"step": 4, **trainer.validate()}  # the records are the trained model's validation
+    for record in records:  # the loss is the token-weighted mean of 0.3 x diffusion CE and AR CE
+        low, high = sorted((0.3 * record["dlm_loss"], record["ar_loss"]))
+        assert 0 < low <= record["loss"] <= high
+    assert records[1]["loss"] < records[0]["loss"]
     assert trainer.validate() == trainer.validate()  # fixed noise: the same model gives the same loss
 
 
@@ -107,3 +117,145 @@ def test_activation_recompute_gives_the_same_steps(run_setup, tmp_path, monkeypa
     for ref, rec in zip(reference, recomputed, strict=True):
         assert rec["loss"] == pytest.approx(ref["loss"], rel=1e-6)
         assert rec["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+
+
+def test_an_infinite_gradient_stops_with_exit_code_3_before_the_update(run_setup, monkeypatch):
+    """The loss is finite, a gradient is not: the gradient-norm branch stops the run, the weights of step 2 stay."""
+    cfg, output = run_setup
+    real_forward_backward = loop.forward_backward
+    steps, before_update = [], {}
+
+    def infinite_gradient_at_step_3(model, batches, settings, *args, **kwargs):
+        reduced = real_forward_backward(model, batches, settings, *args, **kwargs)
+        steps.append(len(steps) + 1)
+        if steps[-1] == 3:
+            parameters = [p for chunk in model for p in chunk.parameters()]
+            before_update.update(weights=[p.detach().clone() for p in parameters])
+            next(p for p in parameters if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return reduced
+
+    monkeypatch.setattr(loop, "forward_backward", infinite_gradient_at_step_3)
+    trainer = Trainer(cfg("train.steps=6", "checkpoint.save_interval=1"))
+    with pytest.raises(TrainingDivergedError, match="gradient norm is inf at step 3; parameters were not updated "
+                                                    r"and no checkpoint .* is .*step_0000002") as raised:
+        trainer.fit()
+    assert raised.value.exit_code == 3
+    after = [p.detach() for chunk in trainer.model for p in chunk.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before_update["weights"], after, strict=True))
+    assert sorted(p.name for p in (output / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002"]
+    assert [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def _validation_loss_with_noise_of(trainer, step: int) -> float:
+    """The validation loss of the trainer's current model, recomputed with the noise of ``step``."""
+    batches = [prepare_batch(batch, step, trainer.settings)
+               for batch in eval_batches(trainer.validation_set, micro_batch_size=trainer.cfg.train.micro_batch_size)]
+    with torch.no_grad():
+        return float(forward_backward(trainer.model, batches, trainer.settings, forward_only=True).loss())
+
+
+def test_validation_uses_the_noise_of_step_0_at_every_step(run_setup, monkeypatch):
+    cfg, _ = run_setup
+    real_validate = Trainer.validate
+    checked = []
+
+    def checking_validate(self):
+        result = real_validate(self)
+        checked.append((self.step, result["loss"], _validation_loss_with_noise_of(self, 0),
+                        _validation_loss_with_noise_of(self, self.step)))
+        return result
+
+    monkeypatch.setattr(Trainer, "validate", checking_validate)
+    Trainer(cfg("train.steps=4", "train.eval_interval=2", "data.validation_fraction=0.1",
+                "checkpoint.save_interval=0")).fit()
+    assert [step for step, *_ in checked] == [2, 4]
+    for _, reported, step_zero_noise, current_step_noise in checked:
+        assert reported == pytest.approx(step_zero_noise, rel=1e-9)
+        assert reported != pytest.approx(current_step_noise, rel=1e-4)  # the noise matters to the loss
+    assert checked[0][1] != pytest.approx(checked[1][1], rel=1e-4)  # the model changed between the two
+
+
+def test_mask_fraction_is_masked_over_maskable_tokens_of_the_whole_step(run_setup, tmp_path, monkeypatch):
+    """SFT rows have unscored prompt tokens and padding, so maskable != all tokens; the step has 2 micro-batches."""
+    cfg, _ = run_setup
+    chats = [{"messages": [{"role": "user", "content": f"the quick {word}"},
+                           {"role": "assistant", "content": f"{word} jumps over the lazy dog"}]}
+             for word in ("fox", "dog", "brown", "lazy", "over", "quick")] * 4
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    prepared_by_step = {}
+    real_prepare = Trainer._prepare
+
+    def recording_prepare(self, batch, step):
+        prepared = real_prepare(self, batch, step)
+        prepared_by_step.setdefault(step, []).append(prepared)
+        return prepared
+
+    monkeypatch.setattr(Trainer, "_prepare", recording_prepare)
+    history = Trainer(cfg("train.steps=3", "data.sft=true", "data.pack=false", "data.seq_length=64",
+                          f"data.sources=[{{path: {path}}}]", "checkpoint.save_interval=0")).fit()
+    for record in history:
+        prepared = prepared_by_step[record["step"]]
+        assert len(prepared) == 2
+        masked = sum(int(p.noise.masked.sum()) for p in prepared)
+        maskable = sum(int(p.loss_mask.sum()) for p in prepared)
+        assert 0 < maskable < sum(p.loss_mask.numel() for p in prepared)
+        assert record["mask_fraction"] == pytest.approx(masked / maskable, rel=1e-12)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{path: MISSING.jsonl}", r"data source .*MISSING.jsonl does not exist"),
+    ("{path: BROKEN.jsonl}", r"BROKEN.jsonl:1: not valid JSON"),
+    ("{path: FIELDLESS.jsonl}", r"FIELDLESS.jsonl:1: record has no 'text' field"),
+    ("{path: TABLE.csv}", r"cannot tell its format from the suffix '.csv'"),
+])
+def test_a_bad_data_source_is_refused_before_the_model_loads(run_setup, tmp_path, monkeypatch, source, message):
+    cfg, output = run_setup
+    (tmp_path / "BROKEN.jsonl").write_text('{"text": "a\n')
+    (tmp_path / "FIELDLESS.jsonl").write_text('{"body": "a"}\n')
+    (tmp_path / "TABLE.csv").write_text("text\na\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data sources were checked")
+
+    monkeypatch.setattr(loop, "load_model", no_model)
+    with pytest.raises(UserError, match=message):
+        run_train(cfg(f"data.sources=[{source.replace('{path: ', '{path: ' + str(tmp_path) + '/')}]"))
+    assert not output.exists()  # nothing written
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_console_shows_the_step_metrics_on_the_bar_or_every_log_interval(run_setup, tmp_path, monkeypatch):
+    cfg, _ = run_setup
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    Trainer(cfg("train.steps=2", "checkpoint.save_interval=0", f"output={tmp_path / 'tty'}")).fit()
+    bar = terminal.getvalue().split("\r")[-1]  # the bar as last drawn
+    assert "2/2" in bar and all(f"{name}=" in bar for name in ("loss", "AR", "diffusion", "lr", "grad norm",
+                                                               "tokens/s")), bar
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a log file: no bar, a line every train.log_interval
+    records = _Records()
+    monkeypatch.setattr(loop.logger, "handlers", [records])
+    level = loop.logger.level
+    loop.logger.setLevel(logging.INFO)
+    try:
+        Trainer(cfg("train.steps=3", "train.log_interval=2", "checkpoint.save_interval=0",
+                    f"output={tmp_path / 'file'}")).fit()
+    finally:
+        loop.logger.setLevel(level)
+    lines = [message for message in records.messages if message.startswith("train (joint): ")]
+    assert [line.split(" | ")[0] for line in lines] == ["train (joint): 2/3 steps", "train (joint): 3/3 steps"]
+    assert all(f" | {name} " in lines[0] for name in ("loss", "AR", "diffusion", "lr", "grad norm", "tokens/s"))

@@ -1,4 +1,4 @@
-"""Tests for ar2dlm.training.loss (DESIGN.md 2.4)."""
+"""Tests for ar2dlm.training.loss (docs/design.md §2.4)."""
 
 from __future__ import annotations
 

