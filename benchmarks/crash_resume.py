@@ -7,7 +7,8 @@ every loss row equals the uninterrupted run's.
 A tiny Qwen3 is built and converted in a temporary folder; the reference run trains it without
 interruption. Then one run is started with resume=true again and again: each start is killed after a
 random moment (a fifth of them in start-up; the rest once it trains, after a random step still to
-come plus up to one and a half steps' time, so they land in steps and in saves) until `--kills` kills have been made, and the last start runs to the end. Printed: how many starts
+come (within two save intervals of the checkpoint it resumed from) plus up to one and a half steps'
+time, so they land in steps and in saves) until `--kills` kills have been made, and the last start runs to the end. Printed: how many starts
 resumed, how many finished or were killed, whether each start's exit code was the expected one, and
 how many rows of metrics.jsonl differ from the reference (bitwise on the loss).
 """
@@ -132,10 +133,11 @@ def main() -> int:
         startup, wall = timed_reference(args, converted, corpus, work / "reference", env)
         reference = losses(work / "reference")
 
-        output, kills, starts, bad_exits, log = work / "crashed", 0, 0, [], []
+        output, kills, starts, resumes, bad_exits, log = work / "crashed", 0, 0, 0, [], []
         while True:
             starts += 1
             stderr_path, since, resumed = work / f"start_{starts}.err", time.time(), newest_saved_step(output)
+            resumes += resumed > 0
             with stderr_path.open("w") as stderr_file:
                 process = subprocess.Popen(train_command(args, converted, corpus, output), env=env,
                                            stdout=subprocess.DEVNULL, stderr=stderr_file, start_new_session=True)
@@ -144,7 +146,8 @@ def main() -> int:
                     delay = rng.uniform(0.0, startup)
                 else:  # once the run trains: in a step, a validation or a save
                     wait_until_training(process, output, since)
-                    wait_for_step(process, output, rng.randint(min(resumed + 1, args.steps - 1), args.steps - 1))
+                    target = min(resumed + rng.randint(1, 2 * args.save_interval), args.steps - 1)
+                    wait_for_step(process, output, target)
                     delay = rng.uniform(0.0, 1.5 * (wall - startup) / args.steps)  # within a step or its save
                 try:
                     process.wait(timeout=delay)
@@ -167,7 +170,8 @@ def main() -> int:
     print(f"crash_resume: {args.kills} x SIG{args.signal} over a {args.steps}-step run "
           f"(save every {args.save_interval}, keep {args.keep_last}, reference {wall:.1f}s of which start-up "
           f"{startup:.1f}s, seed {args.seed})")
-    print(f"  starts: {starts}; killed while running: {kills}; finished: {int(log[-1][1] == 0)}")
+    print(f"  starts: {starts}; killed while running: {kills}; resumed from a checkpoint: {resumes}; "
+          f"finished: {int(log[-1][1] == 0)}")
     print(f"  unexpected exit codes: {len(bad_exits)}" + "".join(f"\n    start {s}: exit {c}: {m[0]}"
                                                               for s, c, m in bad_exits))
     print(f"  loss rows equal to the uninterrupted run: {len(reference) - mismatches}/{len(reference)} "

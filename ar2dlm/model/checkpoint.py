@@ -18,7 +18,7 @@ import torch
 
 from ar2dlm import __version__
 from ar2dlm.errors import UserError
-from ar2dlm.model.checkpoint_writer import ensure_writer_manager
+from ar2dlm.model.checkpoint_writer import use_in_process_result_queue
 from ar2dlm.model.manifest import verify_manifest
 from ar2dlm.model.safe_pickle import check_distributed_checkpoint
 
@@ -91,7 +91,7 @@ def save_weights(model_chunks: list, directory: Path) -> None:
     """Write the model as a megatron-core distributed checkpoint (``torch_dist`` format)."""
     from megatron.core import dist_checkpointing
 
-    ensure_writer_manager()
+    use_in_process_result_queue()
     directory.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(_sharded_state_dict(model_chunks), str(directory), sharded_strategy=save_strategy())
 

@@ -29,7 +29,7 @@ from ar2dlm.errors import UserError
 from ar2dlm.fs import fsync_directory, fsync_tree, is_no_space_error, tree_size
 from ar2dlm.log import logger
 from ar2dlm.model.checkpoint import HF_DIR, WEIGHTS_DIR, CheckpointMetadata, read_metadata, write_metadata
-from ar2dlm.model.checkpoint_writer import ensure_writer_manager
+from ar2dlm.model.checkpoint_writer import use_in_process_result_queue
 from ar2dlm.model.manifest import DamagedCheckpointError, verify_manifest, write_manifest
 from ar2dlm.model.safe_pickle import check_distributed_checkpoint
 
@@ -163,7 +163,7 @@ def save_training_checkpoint(output: Path, step: int, model_chunks: list, optimi
     if final.exists():
         raise UserError(f"{final} exists already: another run may be writing to {output}")
     needed = _estimated_size(output, model_chunks, optimizer)
-    ensure_writer_manager()
+    use_in_process_result_queue()
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         (staging / WEIGHTS_DIR).mkdir(parents=True)
