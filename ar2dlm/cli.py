@@ -14,7 +14,7 @@ STAGE_ENTRY_POINTS: dict[str, str] = {
     "convert": "ar2dlm.conversion.convert:run_convert",
     "train": "ar2dlm.training.loop:run_train",
     "export": "ar2dlm.conversion.export:run_export",
-    "generate": "ar2dlm.runtime.generate_cli:run_generate",
+    "generate": "ar2dlm.generation.run:run_generate",
     "eval": "ar2dlm.eval.run:run_eval",
     "run": "ar2dlm.pipeline:run_pipeline",
     "data_prepare": "ar2dlm.data.prepare:run_prepare",
@@ -108,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(compose_stage(stage, overrides, require_complete=False)), end="")
             return 0
         cfg = compose_stage(stage, overrides)
+        from ar2dlm.compat import configure_torch_for_cpu
         from ar2dlm.expected_warnings import silence_expected_warnings
         from ar2dlm.log import setup_logging
 
         setup_logging(cfg.logging.level)
         silence_expected_warnings()
+        configure_torch_for_cpu()
         result = _entry_point(stage)(cfg)
         return int(result or 0)
     except UserError as error:

@@ -4,9 +4,12 @@ Everything here is a no-op when CUDA and Transformer Engine are present, so the 
 conversion and training code runs on a GPU cluster and on a CPU laptop. Installed packages are
 never edited; the adjustments are:
 
-* ``torch.cuda.current_device`` returns the CPU device and ``torch.cuda.synchronize`` does
-  nothing when CUDA is unavailable (megatron-core moves rotary tables and checkpoint buffers to
-  ``current_device()`` and synchronises around checkpoint writes).
+* :func:`configure_torch_for_cpu`, called at process start: by the command line's ``main``, the test suite's
+  conftest, and :func:`ar2dlm.distributed.init_distributed` (which a script that runs megatron-core itself
+  calls first). Without CUDA, ``torch.cuda.current_device`` returns the CPU device and
+  ``torch.cuda.synchronize`` does nothing (megatron-core moves rotary tables and checkpoint buffers to
+  ``current_device()`` and synchronises around checkpoint writes). It patches ``torch.cuda`` for the whole
+  process, so building a model, importing megatron-bridge or seeding never do it on the side.
 * megatron-core's RNG tracker is seeded with the flags that work without CUDA, and the CUDA
   random state that activation recompute saves and restores is empty (there is no CUDA
   generator; the CPU generator, which CPU dropout uses, is saved by megatron-core separately).
@@ -45,7 +48,8 @@ def transformer_engine_available() -> bool:
 
 @cache
 def configure_torch_for_cpu() -> None:
-    """Route megatron-core's ``torch.cuda`` device queries to the CPU when there is no GPU."""
+    """Route megatron-core's ``torch.cuda`` device queries to the CPU when there is no GPU (process-wide; a
+    second call does nothing). Call it at process start, before megatron-core runs."""
     if cuda_available():
         return
     torch.cuda.current_device = lambda: torch.device("cpu")
@@ -58,7 +62,6 @@ def seed_model_parallel_rng(seed: int) -> None:
     """Seed megatron-core's tensor-parallel RNG tracker (CPU-safe)."""
     from megatron.core import tensor_parallel
 
-    configure_torch_for_cpu()
     if cuda_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
@@ -132,7 +135,6 @@ def _import_megatron_core_first() -> None:
 @cache
 def import_megatron_bridge() -> types.ModuleType:
     """Import and return ``megatron.bridge``, with stand-ins for missing GPU-only packages."""
-    configure_torch_for_cpu()
     missing = tuple(root for root in _STANDIN_ROOTS if importlib.util.find_spec(root) is None)
     if not missing:
         import megatron.bridge

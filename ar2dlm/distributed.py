@@ -57,7 +57,7 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234) -> int:
     """
     from megatron.core import parallel_state
 
-    configure_torch_for_cpu()
+    configure_torch_for_cpu()  # process start for a script that runs megatron-core itself (the CLI did it already)
     world_size = world_size_from_env()
     data_parallel = layout.data_parallel(world_size)
     if not dist.is_initialized():

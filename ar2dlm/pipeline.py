@@ -21,12 +21,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ar2dlm.config.schema import DataSourceConfig
+from ar2dlm.conversion.runtime_install import SERVED_CLEAN_PATTERN
 from ar2dlm.data.synthetic import read_jsonl, split_corpus, write_jsonl
 from ar2dlm.distributed import ParallelLayout, init_distributed, is_rank_zero
 from ar2dlm.errors import UserError
 from ar2dlm.fs import check_output_dir
 from ar2dlm.log import logger
-from ar2dlm.runtime import SERVED_CLEAN_PATTERN
 
 STAGES = ("source", "convert", "train", "export", "eval")
 
@@ -104,7 +104,7 @@ def _evaluate(model_dir: Path, examples: list, settings, output: Path, *, export
 
     from ar2dlm.eval.report import write_report
     from ar2dlm.eval.run import evaluate_model
-    from ar2dlm.runtime.loading import load_runtime_model
+    from ar2dlm.generation.loading import load_runtime_model
 
     model = load_runtime_model(model_dir, export=export).eval()
     for key, value in config_defaults.items():

@@ -27,8 +27,8 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "0 1 2 3 4 5 6 7 8 9 + -
 
 def build_tiny_export(folder: Path, hidden: int, layers: int, block_length: int) -> Path:
     """A random tiny Llama export with the ar2dlm runtime."""
+    from ar2dlm.conversion.runtime_install import install_runtime
     from ar2dlm.model.hf_factory import make_hf_model, train_tokenizer
-    from ar2dlm.runtime import install_runtime
 
     tokenizer = train_tokenizer(TEXTS, vocab_size=300, extra_special_tokens=["<|fim_pad|>"])
     path = make_hf_model("LlamaForCausalLM", folder, vocab_size=len(tokenizer) + 4, tokenizer=tokenizer,
@@ -41,18 +41,11 @@ def build_tiny_export(folder: Path, hidden: int, layers: int, block_length: int)
 def run_mode(model, mode: str, prompts: list[torch.Tensor], args: argparse.Namespace
              ) -> tuple[int, int, float]:
     """(generated tokens, forward passes, seconds) over all prompts, after one warm-up call."""
-    from ar2dlm.runtime.generate_cli import count_new_tokens
+    from ar2dlm.generation.modes import decode
 
     def call(ids: torch.Tensor):
-        if mode == "ar":
-            return model.ar_generate(ids, args.max_new_tokens)
-        if mode == "diffusion":
-            return model.generate(ids, args.max_new_tokens, block_length=args.block_length,
-                                  threshold=args.threshold)
-        return model.linear_spec_generate(ids, args.max_new_tokens, block_length=args.block_length)
+        return decode(model, mode, ids, args.max_new_tokens, block_length=args.block_length, threshold=args.threshold)
 
-    eos = model.generation_config.eos_token_id
-    eos_ids = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
     call(prompts[0])
     tokens = forwards = 0
     seconds = 0.0
@@ -60,12 +53,12 @@ def run_mode(model, mode: str, prompts: list[torch.Tensor], args: argparse.Names
         if ids.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        sequences, nfe = call(ids)
+        _, stats = call(ids)
         if ids.device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
-        tokens += count_new_tokens(sequences[0, ids.shape[1]:].tolist(), eos_ids)
-        forwards += nfe
+        tokens += stats.new_tokens[0]
+        forwards += stats.nfe
     return tokens, forwards, seconds
 
 
@@ -79,6 +72,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="layers of the tiny model")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    from ar2dlm.generation.loading import load_runtime_model
+
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -90,8 +85,7 @@ def main() -> None:
                                                args.block_length)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         dtype = torch.float32 if device.type == "cpu" else "auto"
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
-        model = model.to(device).eval()
+        model = load_runtime_model(path, dtype=dtype).to(device).eval()  # this ar2dlm's runtime, as `generate` does
         prompts = [torch.tensor([tokenizer(p)["input_ids"]], device=device) for p in PROMPTS]
         print(f"settings: model {'tiny random Llama' if args.model is None else path} "
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "

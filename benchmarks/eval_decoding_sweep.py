@@ -22,9 +22,9 @@ import torch
 
 def build_tiny_export(folder: Path, block_length: int, seed: int) -> Path:
     """A tiny random Llama with a tokenizer trained on the demo corpus and the ar2dlm runtime."""
+    from ar2dlm.conversion.runtime_install import install_runtime
     from ar2dlm.data.synthetic import examples
     from ar2dlm.model.hf_factory import make_hf_model, train_tokenizer
-    from ar2dlm.runtime import install_runtime
 
     texts = [example.text for example in examples(500, seed=seed + 17)]
     tokenizer = train_tokenizer(texts, vocab_size=300, extra_special_tokens=["<|fim_pad|>"])
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_model(args: argparse.Namespace, scratch: Path):
     from ar2dlm.data.synthetic import split_corpus
     from ar2dlm.eval.toy import train_toy
-    from ar2dlm.runtime.generate_cli import load_export, resolve_device
+    from ar2dlm.generation.loading import load_export, resolve_device
 
     device = resolve_device(args.device)
     path = args.model or build_tiny_export(scratch / "tiny", block_length=min(args.block_lengths), seed=args.seed)

@@ -98,3 +98,18 @@ def test_stage_help_describes_each_key_with_its_allowed_values():
     assert help_keys(result)["resume"] == "false"
     prompt = ar2dlm("generate", "--help").stdout
     assert "taken exactly as typed" in prompt and "'-' for stdin" in prompt
+
+
+def test_every_stage_entry_point_imports():
+    from ar2dlm.cli import _entry_point
+
+    assert all(callable(_entry_point(stage)) for stage in STAGE_ENTRY_POINTS)
+
+
+def test_a_stage_configures_torch_for_the_cpu_at_process_start(monkeypatch, tmp_path):
+    from ar2dlm.cli import main
+
+    calls = []
+    monkeypatch.setattr("ar2dlm.compat.configure_torch_for_cpu", lambda: calls.append("configured"))
+    assert main(["generate", f"model={tmp_path}", "prompt=x"]) == 2  # not an export: refused after the start
+    assert calls == ["configured"]

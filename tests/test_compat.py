@@ -24,6 +24,29 @@ def test_bridge_imports_without_leaving_stand_ins_behind():
         assert megatron_thinks_te == "False"  # megatron-core must not believe the stand-in is TE
 
 
+def test_only_process_start_patches_torch_cuda():
+    """Importing megatron-bridge and preparing a provider leave torch.cuda alone; configure_torch_for_cpu, the
+    process-start call, patches it once (on a GPU machine: never)."""
+    script = (
+        "import torch\n"
+        "original = torch.cuda.current_device\n"
+        "from ar2dlm.compat import configure_torch_for_cpu, cuda_available, import_megatron_bridge\n"
+        "import_megatron_bridge()\n"
+        "from megatron.bridge.models.gpt_provider import GPTModelProvider\n"
+        "from ar2dlm.model.gpt import prepare_provider\n"
+        "prepare_provider(GPTModelProvider(num_layers=1, hidden_size=8, num_attention_heads=2, vocab_size=16, "
+        "position_embedding_type=\"rope\"))\n"
+        "untouched = torch.cuda.current_device is original\n"
+        "configure_torch_for_cpu()\n"
+        "patched = torch.cuda.current_device\n"
+        "configure_torch_for_cpu()\n"
+        "print(untouched, (patched is original) == cuda_available(), torch.cuda.current_device is patched)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-3:] == ["True", "True", "True"]
+
+
 CUDA_QUERIES = ("current_device", "synchronize", "get_rng_state")
 
 

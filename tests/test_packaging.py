@@ -1,5 +1,8 @@
-"""The package as users install it: every subpackage and the recipes ship in the wheel."""
+"""The package as users install it: every subpackage and the recipes ship in the wheel; its modules import
+each other without cycles."""
 
+import ast
+import graphlib
 import subprocess
 import sys
 import zipfile
@@ -34,3 +37,20 @@ def test_wheel_ships_the_recipes_and_finds_them(tmp_path):
     )
     assert found.returncode == 0, found.stderr[-2000:]
     assert Path(found.stdout.strip()) == target / "ar2dlm" / "recipes"
+
+
+def test_the_modules_import_each_other_without_cycles():
+    """Imports inside functions count too: a cycle means two modules share a concept that belongs in one."""
+    modules = {".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+               for path in (ROOT / "ar2dlm").rglob("*.py")}
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {target for target in targets if target in modules and target != name}
+    list(graphlib.TopologicalSorter(graph).static_order())  # CycleError names the modules of a cycle

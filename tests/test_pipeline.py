@@ -31,7 +31,7 @@ def test_shortened_demo_runs_every_stage_and_reports(tmp_path, megatron_ready, c
 
 
 def test_code_in_the_source_folder_never_runs(make_tiny_hf, tiny_tokenizer, tmp_path, megatron_ready):
-    from ar2dlm.runtime import RUNTIME_FILES, install_runtime
+    from ar2dlm.conversion.runtime_install import RUNTIME_FILES, install_runtime
 
     source = make_tiny_hf("LlamaForCausalLM")
     install_runtime(source, architecture="LlamaForCausalLM", block_size=8,

@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ar2dlm.config.schema import STAGE_SCHEMAS
 from ar2dlm.config.validate import validate_stage
 from ar2dlm.errors import UserError
+from ar2dlm.log import logger
 
 
 class ConfigError(UserError):
@@ -22,6 +23,8 @@ class ConfigError(UserError):
 # Keys whose ``key=value`` is taken as the literal text after the first "=": Hydra's override grammar would
 # read commas as a sweep, quotes and brackets as syntax and ${...} as an interpolation.
 VERBATIM_KEYS: dict[str, tuple[str, ...]] = {"generate": ("prompt", "prompt_file")}
+# Values renamed since users' configs were written: (key, old spelling) -> new spelling, accepted with a warning.
+RENAMED_VALUES: dict[tuple[str, str], str] = {("diffusion.clean_pattern", "bidirectional"): "none"}
 
 
 def recipes_dir() -> Path:
@@ -108,6 +111,7 @@ def compose_stage(stage: str, overrides: list[str] | None = None, require_comple
     cfg = _check_types(stage, _hydra_compose(stage, overrides))
     for key, value in verbatim.items():
         cfg[key] = _literal(value)
+    _rename_old_values(cfg)
     if require_complete:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
@@ -117,6 +121,13 @@ def compose_stage(stage: str, overrides: list[str] | None = None, require_comple
             raise ConfigError("; ".join(problems))
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _rename_old_values(cfg: DictConfig) -> None:
+    for (key, old), new in RENAMED_VALUES.items():
+        if OmegaConf.select(cfg, key, default=None) == old:
+            logger.warning("%s=%s is deprecated: it is now spelled %s=%s", key, old, key, new)
+            OmegaConf.update(cfg, key, new)
 
 
 def _split_verbatim(stage: str, overrides: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -8,6 +8,8 @@ by :func:`describe`, so they are written once.
 
 from __future__ import annotations
 
+from ar2dlm.generation.modes import MODES
+
 KEY_DESCRIPTIONS: dict[str, str] = {
     "overwrite": "replace an existing non-empty output (true | false); the input itself is never replaced",
     "logging.level": "messages shown on stderr",
@@ -31,7 +33,8 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "train.eval_interval": "validation loss every N steps (0: never; needs a validation split or data.eval_path)",
     "diffusion.block_size": "tokens per diffusion block (integer >= 1; data.seq_length must be a multiple)",
     "diffusion.clean_pattern": "attention of the clean stream x_0: causal (as the AR model), block_causal "
-                               "(bidirectional inside a block), bidirectional (no clean stream; objective diffusion)",
+                               "(bidirectional inside a block), none (no clean stream: x_t alone with full attention, "
+                               "LLaDA-style; objective diffusion; formerly spelled bidirectional)",
     "diffusion.noise_schedule": "masking rate: uniform per sequence, or position (rising inside each block)",
     "diffusion.eps": "smallest masking rate (in [0, 0.5])",
     "diffusion.half_life_ratio": "noise_schedule=position: half-life of the rate's rise, in blocks (> 0)",
@@ -85,7 +88,7 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "temperature": "sampling temperature (0: greedy)",
     "device": "auto (cuda if available), cpu, cuda, cuda:N",
     "tasks": "evaluation tasks: demo, demo:N, 'demo:n=N,train=T,seed=S', jsonl:PATH (prompt, answer)",
-    "modes": "decoding modes to evaluate: a list of ar, diffusion, self_spec",
+    "modes": f"decoding modes to evaluate: a list of {', '.join(MODES)}",
     "thresholds": "diffusion thresholds of the sweep (each in [0, 1])",
     "block_lengths": "block lengths of the sweep (empty: [block_length])",
     "decode_alone": "also decode diffusion / self_spec one prompt at a time, for the exact NFE of each prompt "

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ar2dlm.generation.modes import MODES
+
 
 @dataclass
 class DiffusionConfig:
     block_size: int = 32
-    clean_pattern: str = "causal"  # causal | block_causal
+    clean_pattern: str = "causal"  # causal | block_causal | none (no clean stream)
     noise_schedule: str = "uniform"  # uniform | position
     eps: float = 1e-3
     half_life_ratio: float = 0.25
@@ -156,7 +158,7 @@ class EvalStage:
     output: str = "???"
     overwrite: bool = False
     tasks: list[str] = field(default_factory=lambda: ["demo"])  # demo | demo:N | jsonl:PATH (see ar2dlm.eval.tasks)
-    modes: list[str] = field(default_factory=lambda: ["ar", "diffusion", "self_spec"])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
     thresholds: list[float] = field(default_factory=lambda: [0.9])
     block_length: int = 32
     block_lengths: list[int] = field(default_factory=list)  # a block-length sweep; empty: [block_length]

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 import torch
 from omegaconf import DictConfig
 
+from ar2dlm.generation.modes import MODES
+
 CHOICES: dict[str, tuple] = {
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "train.objective": ("ar", "joint", "diffusion"),
@@ -15,15 +17,13 @@ CHOICES: dict[str, tuple] = {
     "train.fp8": (None, "hybrid", "e4m3"),
     "train.fp8_recipe": ("delayed", "tensorwise", "mxfp8"),
     "train.recompute": ("none", "full", "selective"),
-    "diffusion.clean_pattern": ("causal", "block_causal", "bidirectional"),
+    "diffusion.clean_pattern": ("causal", "block_causal", "none"),
     "diffusion.noise_schedule": ("uniform", "position"),
     "diffusion.attention_kernel": ("auto", "flex", "sdpa", "split"),
     "optim.schedule": ("wsd", "cosine", "constant"),
-    "mode": ("ar", "diffusion", "self_spec"),
+    "mode": MODES,
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
-
-MODES = CHOICES["mode"]
 
 
 def _get(cfg: DictConfig, dotted: str):
@@ -91,8 +91,9 @@ def _training_rules(cfg: DictConfig) -> Iterator[str]:
             yield f"data.sources[{index}].weight={source.weight} must be >= 0"
     if cfg.data.sources and sum(source.weight for source in cfg.data.sources) <= 0:
         yield "data.sources weights must sum to a positive number"
-    if diffusion.clean_pattern == "bidirectional" and train.objective != "diffusion":
-        yield "diffusion.clean_pattern=bidirectional is the single-stream baseline: it needs train.objective=diffusion"
+    if diffusion.clean_pattern == "none" and train.objective != "diffusion":
+        yield ("diffusion.clean_pattern=none (no clean stream: the single-stream baseline) needs "
+               "train.objective=diffusion")
     if diffusion.clean_pattern == "block_causal" and train.objective == "joint":
         yield ("diffusion.clean_pattern=block_causal lets a clean token see the next token of its own block, so the "
                "AR loss of train.objective=joint would learn to copy: use train.objective=diffusion (no AR loss) "

@@ -15,12 +15,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ar2dlm.conversion.hf_weights import export_bridge, hf_tensors, save_safetensors_shards
+from ar2dlm.conversion.runtime_install import SERVED_CLEAN_PATTERN, install_runtime
 from ar2dlm.errors import UserError
 from ar2dlm.fs import atomic_directory, check_output_dir, refuse_overlap
 from ar2dlm.log import logger
 from ar2dlm.model.checkpoint import HF_DIR, METADATA_FILE, CheckpointMetadata, load_model, read_metadata
 from ar2dlm.model.manifest import verify_manifest
-from ar2dlm.runtime import SERVED_CLEAN_PATTERN
 
 MODEL_CARD = """---
 library_name: transformers
@@ -105,8 +105,6 @@ def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = Fals
            threshold: float = 0.9, checksums: bool = True) -> CheckpointMetadata:
     """Write the HF folder for ``checkpoint`` (a checkpoint, or a training run: its newest checkpoint) at
     ``output``; returns the checkpoint's metadata with the diffusion settings it was trained with."""
-    from ar2dlm.runtime import install_runtime
-
     check_output_dir(output, overwrite, inputs=[checkpoint])
     source = resolve_checkpoint(checkpoint)
     refuse_overlap(output, source)

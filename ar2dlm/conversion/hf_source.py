@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ar2dlm.errors import UserError
 
+# the families the runtime has a class for; the runtime keeps its own copy (modeling_ar2dlm.RUNTIME_CLASSES)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 INDEX_FILE = "model.safetensors.index.json"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

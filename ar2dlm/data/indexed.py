@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ar2dlm.data.tokenize import EncodedBatch, TokenStore
+from ar2dlm.data.sources import indexed_prefix
+from ar2dlm.data.tokenize import EncodedBatch, TokenStore, eos_id
 from ar2dlm.errors import UserError
 
 META_SUFFIX = ".ar2dlm.json"
@@ -39,13 +40,6 @@ def _megatron_indexed():
         warnings.simplefilter("ignore", UserWarning)
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
-
-
-def indexed_prefix(path: str | Path) -> str | None:
-    """The prefix of the indexed dataset at ``path`` (the prefix, or its .bin/.idx file), else None."""
-    text = str(Path(path).expanduser())
-    prefix = text[:-4] if text.endswith((".bin", ".idx")) else text
-    return prefix if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx") else None
 
 
 def write_indexed(prefix: str, batches: Iterable[EncodedBatch], meta: IndexedMeta,
@@ -103,7 +97,7 @@ def load_indexed(path: str, tokenizer) -> TokenStore:
     starts = np.array(index.sequence_pointers, dtype=np.int64)[documents[:-1][keep]] // itemsize
     ends = starts + doc_lengths[keep]
     tokens = np.memmap(megatron.get_bin_path(prefix), dtype=index.dtype, mode="r")
-    eos = int(tokenizer.eos_token_id)
+    eos = eos_id(tokenizer)
     needs_eos = np.asarray(tokens[ends - 1] != eos) if len(ends) else np.zeros(0, bool)
     return TokenStore(tokens, starts, ends, eos, needs_eos=needs_eos if needs_eos.any() else None)
 

@@ -9,6 +9,7 @@ a one-line :class:`~ar2dlm.errors.UserError`. Megatron indexed datasets hold tok
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,8 +50,6 @@ class ReadStats:
 
 def resolve_kind(source) -> str:
     """The source's kind: ``indexed``, ``hub``, or ``files`` (local files, read by their suffix or kind)."""
-    from ar2dlm.data.indexed import indexed_prefix
-
     if source.kind not in KINDS:
         raise UserError(f"data source {source.path}: kind={source.kind!r} is not one of: {', '.join(KINDS)}")
     if source.kind == "indexed" or (source.kind == "auto" and indexed_prefix(source.path) is not None):
@@ -63,6 +62,13 @@ def resolve_kind(source) -> str:
     if source.kind == "auto" and looks_like_hub:
         return "hub"
     raise UserError(f"data source {source.path} does not exist")
+
+
+def indexed_prefix(path: str | Path) -> str | None:
+    """The prefix of the Megatron indexed dataset at ``path`` (the prefix, or its .bin/.idx file), else None."""
+    text = str(Path(path).expanduser())
+    prefix = text[:-4] if text.endswith((".bin", ".idx")) else text
+    return prefix if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx") else None
 
 
 def _is_saved_dataset(path: Path) -> bool:

@@ -1,10 +1,10 @@
 """The diffusion negative ELBO of held-out texts, computed with an exported HF model.
 
 This is the training objective's diffusion term (docs/design.md §2.3-2.4) evaluated in one forward per noise
-draw: the doubled sequence ``[x_t ; x_0]``, both halves with position ids 0..L-1, under the docs/design.md §2.2
-mask (noisy->noisy same block; noisy->clean key block strictly earlier; clean->clean causal;
-clean->noisy never) passed to the HF model as a 4D additive float mask. Each text is one document
-starting at position 0 (blocks counted from its start); padding keys are never attended.
+draw: the doubled sequence ``[x_t ; x_0]``, both halves with position ids 0..L-1, under the training mask
+(:func:`ar2dlm.model.masks.dense_mask`, layout ``doubled_causal``, docs/design.md §2.2) passed to the HF model
+as a 4D additive float mask. Each text is one document starting at position 0 (blocks counted from its
+start) and its right padding another, so no text token ever attends to padding.
 
 Noise: the ``uniform`` schedule (one t ~ U(0,1) per text and draw, p = (1 - eps) t + eps, each token
 masked with probability p), drawn by :func:`ar2dlm.training.noise.sample_noise` with sample index =
@@ -29,28 +29,19 @@ import torch.nn.functional as F
 from ar2dlm.errors import UserError
 from ar2dlm.model.masks import dense_mask
 from ar2dlm.runtime.decoding_ar2dlm import model_attention_mask
+from ar2dlm.training.loss import compute_loss_parts
 from ar2dlm.training.noise import NoiseConfig, sample_noise
 
 EPS = 1e-3
 
 
-def doubled_allowed(valid: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Bool [B, 2L, 2L] (True = attend): the ``doubled_causal`` mask restricted to real keys (``valid``
-    [B, L]); every query also sees itself, so padding rows stay finite."""
-    length = valid.shape[1]
-    pattern = dense_mask("doubled_causal", length, block_size, device=valid.device)
-    keys = torch.cat([valid, valid], dim=1)
-    allowed = pattern[None] & keys[:, None, :]
-    return allowed | torch.eye(2 * length, dtype=torch.bool, device=valid.device)[None]
-
-
-@torch.no_grad()
 def doubled_hidden(model, noisy: torch.Tensor, clean: torch.Tensor, valid: torch.Tensor, block_size: int
                    ) -> torch.Tensor:
-    """Final hidden states [B, 2L, H] of ``[noisy ; clean]`` (both [B, L]) under the doubled mask."""
+    """Final hidden states [B, 2L, H] of ``[noisy ; clean]`` (both [B, L], right-padded: ``valid`` marks the
+    real tokens) under the training mask, the padding of each row a document of its own."""
     batch, length = clean.shape
     positions = torch.arange(length, device=clean.device).repeat(2)[None].expand(batch, -1)
-    allowed = doubled_allowed(valid, block_size)
+    allowed = dense_mask("doubled_causal", length, block_size, document_ids=(~valid.bool()).long())
     mask = model_attention_mask(model, allowed, positions, model.dtype)
     output = model.get_decoder()(input_ids=torch.cat([noisy, clean], dim=1), attention_mask=mask,
                                  position_ids=positions, use_cache=False)
@@ -96,7 +87,9 @@ def elbo_batch(model, rows: Sequence[Sequence[int]], indices: Sequence[int], dra
     hidden = doubled_hidden(model, noisy_ids, clean, valid, config.block_size)[:, :width]
     logits = model.get_output_embeddings()(hidden[masked_t]).float()
     ce = F.cross_entropy(logits, clean[masked_t], reduction="none").double()
-    return float((ce * weight_t[masked_t]).sum()), int(masked_t.sum()), sum(len(row) for row in rows)
+    parts = compute_loss_parts(ce, None, torch.ones_like(ce, dtype=torch.bool), weight_t[masked_t], dlm_weight=1.0,
+                               ar_weight=0.0)  # the masked positions only, each with its 1/p
+    return float(parts.dlm_sum), int(parts.dlm_tokens), sum(len(row) for row in rows)
 
 
 def diffusion_elbo(model, token_lists: Sequence[Sequence[int]], *, draws: int = 4, seed: int = 1234,

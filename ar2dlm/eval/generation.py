@@ -3,8 +3,8 @@
 Prompts are encoded as the demo trains (the tokenizer's own special tokens, no chat template), left-
 padded into batches with an ``attention_mask``, and decoded greedily (temperature 0) by
 ``ar_generate`` / ``generate`` / ``linear_spec_generate``. Per-example NFE and cycles are those of
-decoding the example alone (see :mod:`ar2dlm.eval.metrics`): taken from the batched call's
-``last_decode_stats`` where they can be (batch 1, or AR), otherwise, when asked (``decode_alone``), from a
+decoding the example alone (see :mod:`ar2dlm.eval.metrics`): taken from the stats the batched call
+returns where they can be (batch 1, or AR), otherwise, when asked (``decode_alone``), from a
 second pass that decodes each example alone; that pass also checks that batching did not change any
 output. Without it those examples carry their batch's NFE (:func:`ar2dlm.eval.metrics.batch_costs`).
 """
@@ -27,9 +27,10 @@ from ar2dlm.eval.metrics import (
     exact_match,
     summarize,
 )
+from ar2dlm.generation.modes import MODES, decode
 from ar2dlm.log import logger
+from ar2dlm.runtime.modeling_ar2dlm import eos_token_ids
 
-MODES = ("ar", "diffusion", "self_spec")
 WARMUP_TOKENS = 4
 
 
@@ -90,17 +91,6 @@ def pad_token_id(model, tokenizer) -> int:
     return 0
 
 
-def call_mode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: DecodeConfig):
-    """One runtime call: ``(sequences, nfe)``."""
-    if config.mode == "ar":
-        return model.ar_generate(input_ids, config.max_new_tokens, attention_mask=attention_mask)
-    if config.mode == "diffusion":
-        return model.generate(input_ids, config.max_new_tokens, block_length=config.block_length,
-                              threshold=config.threshold, attention_mask=attention_mask)
-    return model.linear_spec_generate(input_ids, config.max_new_tokens, block_length=config.block_length,
-                                      attention_mask=attention_mask)
-
-
 def _synchronize(model) -> None:
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
@@ -111,10 +101,10 @@ def decode_batch(model, rows: Sequence[Sequence[int]], config: DecodeConfig, pad
     input_ids, attention_mask = left_pad(rows, pad_id, model.device)
     _synchronize(model)
     start = time.perf_counter()
-    sequences, _ = call_mode(model, input_ids, attention_mask, config)
+    sequences, stats = decode(model, config.mode, input_ids, config.max_new_tokens, block_length=config.block_length,
+                              threshold=config.threshold, attention_mask=attention_mask)
     _synchronize(model)
     seconds = time.perf_counter() - start
-    stats = model.last_decode_stats
     new = sequences[:, input_ids.shape[1]:].tolist()
     new_ids = [tokens[:count] for tokens, count in zip(new, stats.new_tokens, strict=True)]
     return DecodedBatch(new_ids, stats, seconds)
@@ -171,18 +161,11 @@ def evaluate_setting(model, tokenizer, examples: Sequence, encoded: Sequence[Seq
         if mismatches:
             logger.warning("%s: %d of %d outputs differ between batch size %d and decoding alone",
                            config.mode, mismatches, len(missing), batch_size)
-    eos = eos_ids(model)
+    eos = set(eos_token_ids(model))
     rows = [score_example(example, tokenizer, new_ids, cost, eos)
             for example, new_ids, cost in zip(examples, outputs, costs, strict=True)]
     return summarize(config.mode, config.block_length, config.threshold, rows, seconds, batch_forwards,
                      mismatches, nfe_basis="batch" if missing and not decode_alone else "alone")
-
-
-def eos_ids(model) -> set[int]:
-    """The ids the runtime stops at: the generation config's EOS, else the model config's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = model.config.eos_token_id if eos is None else eos
-    return set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
 
 
 def score_example(example, tokenizer, new_ids: list[int], cost: tuple[int, int], eos: set[int]
@@ -210,7 +193,7 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], config: DecodeConfig, batch_size: int,
                    stops: Sequence[str] = ()) -> list[str]:
     """Greedy continuations (special tokens dropped, cut at the first stop string) of tokenised prompts."""
-    pad_id, eos = pad_token_id(model, tokenizer), eos_ids(model)
+    pad_id, eos = pad_token_id(model, tokenizer), set(eos_token_ids(model))
     texts = []
     for chunk in batches(prompts, batch_size):
         for new_ids in decode_batch(model, chunk, config, pad_id).new_ids:

@@ -24,8 +24,9 @@ except ImportError as error:  # lm-eval is an optional dependency
     raise ImportError("ar2dlm.eval.lm_eval_adapter needs lm-evaluation-harness, which is not installed: "
                       "pip install 'ar2dlm[eval]'") from error
 
-from ar2dlm.eval.generation import MODES, DecodeConfig, generate_texts
+from ar2dlm.eval.generation import DecodeConfig, generate_texts
 from ar2dlm.eval.likelihood import continuation_logprobs, encode_pair, prefix_token_id
+from ar2dlm.generation.modes import MODES
 from ar2dlm.log import logger
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -45,7 +46,7 @@ class Ar2dlmLM(LM):
     def __init__(self, pretrained: str, mode: str = "self_spec", block_length=None, threshold=None,
                  max_gen_toks=DEFAULT_MAX_GEN_TOKS, batch_size=1, device: str = "auto", **unused) -> None:
         super().__init__()
-        from ar2dlm.runtime.generate_cli import check_export, load_export, resolve_device
+        from ar2dlm.generation.loading import check_export, load_export, resolve_device
 
         if mode not in MODES:
             raise ValueError(f"ar2dlm model_args: mode={mode!r} is not one of {', '.join(MODES)}")

@@ -3,7 +3,7 @@
 Definitions (every one is independent of the evaluation batch size):
 
 - **generated tokens** of an example: the new tokens up to and including the first EOS (or all
-  ``max_new_tokens`` when there is none): ``last_decode_stats.new_tokens`` of its row.
+  ``max_new_tokens`` when there is none): the ``new_tokens`` of its row in the stats its runtime call returns.
 - **NFE of an example**: the model forward passes needed to decode that example *alone* (batch 1),
   prefill included: what the runtime returns at batch size 1. A batched call reports one NFE for the
   whole batch (the slowest row's), so it is not used as is; see :func:`alone_costs`. Diffusion and
@@ -95,11 +95,10 @@ def acceptance_length(new_tokens: Sequence[int], cycles: Sequence[int]) -> float
 
 
 def alone_costs(stats, mode: str) -> list[tuple[int, int]] | None:
-    """Per-row (NFE, cycles) of decoding each row alone, from a call's ``last_decode_stats``, or None
+    """Per-row (NFE, cycles) of decoding each row alone, from the stats a runtime call returned, or None
     when the stats cannot give them (then decode the rows one at a time).
 
     - a batch of one row: the call's own ``nfe`` and ``cycles``;
-    - stats with per-row ``row_nfe`` and ``row_cycles`` (alone-equivalent counts), when a runtime has them;
     - AR: exact for any batch, as a row alone needs one forward per generated token (the prefill gives
       the first token) and one cycle per token after the first.
     Diffusion and self-speculation batches share their passes (rows move through blocks in lockstep; a
@@ -108,9 +107,6 @@ def alone_costs(stats, mode: str) -> list[tuple[int, int]] | None:
     new_tokens = list(stats.new_tokens)
     if len(new_tokens) == 1:
         return [(int(stats.nfe), int(stats.cycles))]
-    row_nfe, row_cycles = getattr(stats, "row_nfe", None), getattr(stats, "row_cycles", None)
-    if row_nfe is not None and row_cycles is not None:
-        return [(int(n), int(c)) for n, c in zip(row_nfe, row_cycles, strict=True)]
     if mode == "ar":
         return [(n, max(n - 1, 0)) for n in new_tokens]
     return None

@@ -30,9 +30,8 @@ from ar2dlm.eval.metrics import ModeResult
 from ar2dlm.eval.report import machine_info, markdown_table, now, write_report
 from ar2dlm.eval.tasks import load_tasks, load_texts
 from ar2dlm.fs import atomic_directory, check_output_dir
+from ar2dlm.generation.modes import MODES
 from ar2dlm.log import logger
-
-MODES = ("ar", "diffusion", "self_spec")
 
 
 @dataclass
@@ -159,7 +158,7 @@ def settings_from_config(cfg: DictConfig) -> EvalSettings:
 
 def run_eval(cfg: DictConfig) -> int:
     """Entry point of `ar2dlm eval`."""
-    from ar2dlm.runtime.generate_cli import check_export, check_served, load_export, resolve_device
+    from ar2dlm.generation.loading import check_export, check_served, load_export, resolve_device
 
     output = check_output_dir(cfg.output, cfg.get("overwrite", False), inputs=[cfg.model])
     settings = settings_from_config(cfg)

@@ -1,9 +1,12 @@
-"""A few steps of the joint AR + diffusion objective (docs/design.md §2.4) run directly on an exported HF model.
+"""A few steps of a joint AR + diffusion loss run directly on an exported HF model, to make tiny test models
+behave like trained ones.
 
 Not a training stage (that is ``ar2dlm train`` on Megatron): a way to turn a tiny random export into one
 that behaves like a trained model, stopping at EOS, committing several tokens per diffusion pass and
-getting drafts accepted, so that evaluation tests and benchmarks exercise every path. It uses the same
-doubled sequence, mask and noise as the ELBO of :mod:`ar2dlm.eval.elbo`.
+getting drafts accepted, so that evaluation tests and benchmarks exercise every path. It uses the training
+mask and noise through the ELBO's doubled forward (:func:`ar2dlm.eval.elbo.doubled_hidden`), but normalises
+each loss term by its own token count (NeMo Automodel's form), not by the shared count of the training loss
+(docs/design.md §2.4).
 """
 
 from __future__ import annotations
@@ -13,21 +16,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ar2dlm.eval.elbo import doubled_allowed
+from ar2dlm.eval.elbo import doubled_hidden
 from ar2dlm.eval.likelihood import encode_texts, right_pad
-from ar2dlm.runtime.decoding_ar2dlm import model_attention_mask
 from ar2dlm.training.noise import NoiseConfig, sample_noise
 
 
-def joint_loss(model, ids: torch.Tensor, valid: torch.Tensor, sample_index: list[int], step: int,
-               noise: NoiseConfig, dlm_weight: float = 0.3) -> torch.Tensor:
-    """dlm_weight * (sum of CE / p over masked tokens) / masked + mean AR CE, for right-padded ``ids``."""
-    batch, length = ids.shape
+def per_term_joint_loss(model, ids: torch.Tensor, valid: torch.Tensor, sample_index: list[int], step: int,
+                        noise: NoiseConfig, dlm_weight: float = 0.3) -> torch.Tensor:
+    """dlm_weight * (sum of CE / p over masked tokens) / masked + mean AR CE, for right-padded ``ids``: each term
+    divided by its own count, unlike :class:`ar2dlm.training.loss.LossParts`, which divides by their sum."""
+    length = ids.shape[1]
     draw = sample_noise(ids, sample_index, step, 0, noise, loss_mask=valid)
-    positions = torch.arange(length, device=ids.device).repeat(2)[None].expand(batch, -1)
-    mask = model_attention_mask(model, doubled_allowed(valid, noise.block_size), positions, model.dtype)
-    hidden = model.get_decoder()(input_ids=torch.cat([draw.noisy_ids, ids], 1), attention_mask=mask,
-                                 position_ids=positions).last_hidden_state
+    hidden = doubled_hidden(model, draw.noisy_ids, ids, valid, noise.block_size)
     logits = model.get_output_embeddings()(hidden).float()
     dlm = (F.cross_entropy(logits[:, :length].transpose(1, 2), ids, reduction="none") * draw.weight).sum()
     targets = valid[:, 1:]
@@ -37,8 +37,8 @@ def joint_loss(model, ids: torch.Tensor, valid: torch.Tensor, sample_index: list
 
 def train_toy(model, tokenizer, texts: Sequence[str], steps: int, *, batch_size: int = 16, length: int = 32,
               lr: float = 1e-2, seed: int = 0) -> list[float]:
-    """``steps`` AdamW steps on random batches of ``texts`` (cut to ``length`` tokens, a multiple of the
-    model's block size); returns the losses. Leaves the model in eval mode."""
+    """``steps`` AdamW steps of :func:`per_term_joint_loss` on random batches of ``texts`` (cut to ``length``
+    tokens, a multiple of the model's block size); returns the losses. Leaves the model in eval mode."""
     noise = NoiseConfig(mask_token_id=int(model.config.mask_token_id), block_size=int(model.config.block_size))
     if length % noise.block_size:
         raise ValueError(f"length {length} is not a multiple of the block size {noise.block_size}")
@@ -50,7 +50,7 @@ def train_toy(model, tokenizer, texts: Sequence[str], steps: int, *, batch_size:
     for step in range(steps):
         index = torch.randint(0, len(rows), (batch_size,), generator=generator).tolist()
         ids, valid = right_pad([rows[i] for i in index], 0, model.device, width=length)
-        loss = joint_loss(model, ids, valid, index, step, noise)
+        loss = per_term_joint_loss(model, ids, valid, index, step, noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -177,7 +177,7 @@ _NOISY_CHUNKS = 8
 _MIN_CHUNK = 256
 
 
-def _noisy_chunks(seq_len: int, block_size: int, documents: bool) -> list[tuple[int, int, int, int]]:
+def noisy_chunks(seq_len: int, block_size: int, documents: bool) -> list[tuple[int, int, int, int]]:
     """(q0, q1, k0, k1) per chunk: noisy queries [q0, q1) read clean keys [0, q1) and noisy keys [k0, k1).
 
     Chunks are runs of whole blocks. A noisy query reads noisy keys of its own block and clean keys
@@ -204,7 +204,7 @@ def _split_plan(full: Tensor, seq_len: int, block_size: int, documents: bool) ->
     """Cut the doubled mask ([S, S] or [batch, 1, S, S]) into the clean-row mask and one mask per noisy chunk,
     whose columns are picked by the same key index that gathers the chunk's keys."""
     n = seq_len
-    bounds = _noisy_chunks(n, block_size, documents)
+    bounds = noisy_chunks(n, block_size, documents)
     keys = [torch.cat([torch.arange(n, n + q1), torch.arange(k0, k1)]).to(full.device) for _, q1, k0, k1 in bounds]
     chunks = [(bound, full[..., bound[0]:bound[1], :].index_select(-1, index))
               for bound, index in zip(bounds, keys, strict=True)]

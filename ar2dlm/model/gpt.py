@@ -18,7 +18,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ar2dlm.compat import (
-    configure_torch_for_cpu,
     cuda_allocations_on_cpu,
     cuda_available,
     transformer_engine_available,
@@ -80,7 +79,6 @@ def prepare_provider(provider, *, params_dtype: torch.dtype | None = None, hf_co
 
     ``hf_config`` (the source's transformers config) supplies exact rotary tables for scaled RoPE.
     """
-    configure_torch_for_cpu()
     if provider.position_embedding_type not in ("rope", "none"):
         raise UserError(
             f"position embedding {provider.position_embedding_type!r} is not supported; ar2dlm needs rotary embeddings"

@@ -8,7 +8,8 @@ convention of ``torch.nn.functional.scaled_dot_product_attention`` and FlexAtten
 Layouts (``seq_len`` is L, the length of one stream):
 
 - ``"causal"``: one stream of length L, token-causal (plain AR).
-- ``"bidirectional"``: one stream of length L, full attention (LLaDA-style baseline).
+- ``"bidirectional"``: one stream of length L, full attention (``diffusion.clean_pattern=none``: no clean
+  stream, the LLaDA-style baseline).
 - ``"doubled_causal"`` / ``"doubled_block_causal"``: the doubled sequence ``[x_t ; x_0]`` of
   length 2L, noisy half first, both halves with positions 0..L-1. With blk(i) = i // block_size:
   noisy->noisy same block; noisy->clean key block strictly earlier; clean->clean token-causal

@@ -14,8 +14,9 @@ they refuse any other pattern.
 
 Each takes a left-padded ``input_ids`` [B, S] (``attention_mask`` 1 = real token) and returns
 ``(sequences, nfe)``: the prompt followed by exactly ``max_new_tokens`` slots (padded after EOS) and
-the number of model forward passes; ``model.last_decode_stats`` keeps the details of the last call
-(passes, cycles, new tokens per row). An empty ``eos_token_id`` list decodes all ``max_new_tokens``.
+the number of model forward passes. With ``return_stats=True`` it returns ``(sequences, stats)`` instead, a
+:class:`DecodeStats` with the call's passes (``stats.nfe``), cycles and new tokens per row (EOS included).
+An empty ``eos_token_id`` list decodes all ``max_new_tokens``.
 
 NFE: AR = max_new_tokens (the prefill gives the first token). Diffusion = 1 prefill + one pass per
 denoising step of each block + one causal pass per finished block that another block follows.
@@ -46,17 +47,17 @@ class TriModeMixin:
 
     hf_generate = GenerationMixin.generate  # HF's own generate, shadowed by the diffusion `generate`
     _use_prefix_cache: bool = True  # False recomputes the whole prefix every forward (reference path)
-    last_decode_stats: DecodeStats | None = None
 
     @torch.no_grad()
-    def ar_generate(self, input_ids, max_new_tokens, temperature=0.0, eos_token_id=None, attention_mask=None):
+    def ar_generate(self, input_ids, max_new_tokens, temperature=0.0, eos_token_id=None, attention_mask=None,
+                    return_stats=False):
         """Autoregressive decoding: prefill (gives the first token), then one token per forward."""
         input_ids, attention_mask, settings = self._prepare(
             input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=False)
-        return self._run(ar_decode, input_ids, attention_mask, settings)
+        return _result(*ar_decode(self, input_ids, attention_mask, settings), return_stats)
 
     def generate(self, input_ids=None, max_new_tokens=None, block_length=None, threshold=None, temperature=None,
-                 eos_token_id=None, attention_mask=None, **hf_kwargs):
+                 eos_token_id=None, attention_mask=None, return_stats=False, **hf_kwargs):
         """Block-diffusion decoding (docs/design.md §4.4) when called with NLD's arguments only; defaults:
         ``config.block_size``, ``config.diffusion_threshold`` (0.9), temperature 0.
 
@@ -67,15 +68,19 @@ class TriModeMixin:
         if isinstance(max_new_tokens, GenerationConfig):  # HF's second positional argument
             hf_kwargs["generation_config"], max_new_tokens = max_new_tokens, None
         if hf_kwargs or max_new_tokens is None:
+            if return_stats:
+                raise ValueError("return_stats applies to diffusion decoding, not to a call in HF's style")
             named = dict(max_new_tokens=max_new_tokens, block_length=block_length, threshold=threshold,
                          temperature=temperature, eos_token_id=eos_token_id, attention_mask=attention_mask)
             return self.hf_generate(input_ids, **{k: v for k, v in named.items() if v is not None}, **hf_kwargs)
-        return self._diffusion_generate(input_ids, max_new_tokens, block_length, threshold,
-                                        0.0 if temperature is None else temperature, eos_token_id, attention_mask)
+        sequences, stats = self._diffusion_generate(input_ids, max_new_tokens, block_length, threshold,
+                                                    0.0 if temperature is None else temperature, eos_token_id,
+                                                    attention_mask)
+        return _result(sequences, stats, return_stats)
 
     @torch.no_grad()
     def _diffusion_generate(self, input_ids, max_new_tokens, block_length, threshold, temperature, eos_token_id,
-                            attention_mask):
+                            attention_mask) -> tuple[torch.Tensor, DecodeStats]:
         block_length = self._default_block_length(block_length)
         if threshold is None:
             threshold = getattr(self.config, "diffusion_threshold", DEFAULT_THRESHOLD)
@@ -85,23 +90,18 @@ class TriModeMixin:
         input_ids, attention_mask, settings = self._prepare(
             input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=True,
             block_length=block_length, threshold=float(threshold))
-        return self._run(diffusion_decode, input_ids, attention_mask, settings)
+        return diffusion_decode(self, input_ids, attention_mask, settings)
 
     @torch.no_grad()
     def linear_spec_generate(self, input_ids, max_new_tokens, block_length=None, temperature=0.0,
-                             eos_token_id=None, attention_mask=None):
+                             eos_token_id=None, attention_mask=None, return_stats=False):
         """Self-speculation: draft a block in one bidirectional pass, verify it in one causal pass."""
         block_length = self._default_block_length(block_length)
         _check_block_length(block_length)
         input_ids, attention_mask, settings = self._prepare(
             input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=True,
             block_length=block_length)
-        return self._run(linear_spec_decode, input_ids, attention_mask, settings)
-
-    def _run(self, decode, input_ids, attention_mask, settings) -> tuple[torch.Tensor, int]:
-        sequences, stats = decode(self, input_ids, attention_mask, settings)
-        self.last_decode_stats = stats
-        return sequences, stats.nfe
+        return _result(*linear_spec_decode(self, input_ids, attention_mask, settings), return_stats)
 
     def _prepare(self, input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, *,
                  needs_mask: bool, **extra) -> tuple[torch.Tensor, torch.Tensor, DecodeSettings]:
@@ -124,7 +124,7 @@ class TriModeMixin:
             if mask_id is None:
                 raise ValueError("config.mask_token_id is not set: this checkpoint was not exported by ar2dlm")
             _check_clean_pattern(self.config)
-        eos_ids = self._eos_ids(eos_token_id)
+        eos_ids = eos_token_ids(self, eos_token_id)
         pad_id = self.config.pad_token_id
         if pad_id is None:
             pad_id = eos_ids[0] if eos_ids else 0
@@ -140,18 +140,25 @@ class TriModeMixin:
             raise ValueError("block_length not given and config.block_size is not set")
         return self.config.block_size
 
-    def _eos_ids(self, eos_token_id) -> tuple[int, ...]:
-        """EOS ids to stop at: the argument, else the generation config's, else the model config's."""
-        if eos_token_id is None:
-            eos_token_id = getattr(getattr(self, "generation_config", None), "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = self.config.eos_token_id
-        if eos_token_id is None:
-            return ()
-        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
-        return tuple(ids)
+
+def eos_token_ids(model, eos_token_id=None) -> tuple[int, ...]:
+    """The ids decoding stops at: ``eos_token_id`` if given, else the model's generation config's, else its
+    config's (empty: none)."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    if eos_token_id is None:
+        return ()
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return tuple(ids)
+
+
+def _result(sequences: torch.Tensor, stats: DecodeStats, return_stats: bool):
+    """``(sequences, stats)`` when asked, else the public ``(sequences, nfe)``."""
+    return (sequences, stats) if return_stats else (sequences, stats.nfe)
 
 
 def _check_clean_pattern(config) -> None:

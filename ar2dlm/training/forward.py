@@ -3,8 +3,8 @@
 ``objective: joint`` feeds ``[x_t ; x_0]`` through one forward pass: the noisy half gives the
 unshifted diffusion loss, the clean half the shifted AR loss (docs/design.md §2.1-2.4). ``objective: ar``
 is a plain causal pass. ``objective: diffusion`` keeps the doubled sequence (the clean half is the
-context the noisy blocks read) but drops the AR term, unless the single-stream ``bidirectional``
-baseline is chosen.
+context the noisy blocks read) but drops the AR term; with ``clean_pattern: none`` there is no clean stream,
+only x_t with full attention (the single-stream LLaDA-style baseline).
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ from ar2dlm.training.noise import NoiseConfig, NoiseDraw, sample_noise
 class ObjectiveSettings:
     weights: ObjectiveWeights
     noise: NoiseConfig
-    clean_pattern: str  # causal | block_causal | bidirectional (single noisy stream)
+    clean_pattern: str  # causal | block_causal | none (no clean stream: x_t alone)
     attention_kernel: str
     seed: int
     pad_id: int
 
     @property
     def layout(self) -> str:
-        if not self.weights.doubled_sequence:
+        if not self.weights.has_diffusion_term:
             return "causal"
-        if self.clean_pattern == "bidirectional":
+        if self.clean_pattern == "none":
             return "bidirectional"
         return doubled_layout(self.clean_pattern)
 

@@ -26,8 +26,9 @@ class ObjectiveWeights:
     ar: float
 
     @property
-    def doubled_sequence(self) -> bool:
-        """Whether the model sees [x_t ; x_0] (every objective but "ar")."""
+    def has_diffusion_term(self) -> bool:
+        """Whether the model reads noised input x_t (every objective but "ar"): as ``[x_t ; x_0]``, or x_t alone
+        when there is no clean stream."""
         return self.dlm > 0
 
 
@@ -154,6 +155,11 @@ class LossParts:
         }
 
 
+def _at_least_float32(ce: Tensor) -> Tensor:
+    """bf16 / fp16 CE in float32 for the sums; float64 (the evaluation's ELBO) stays float64."""
+    return ce.to(torch.promote_types(ce.dtype, torch.float32))
+
+
 def compute_loss_parts(
     dlm_ce: Tensor | None,
     ar_ce: Tensor | None,
@@ -177,14 +183,14 @@ def compute_loss_parts(
     if dlm_ce is not None:
         if masked is None or weight is None:
             raise ValueError("dlm_ce needs masked and weight")
-        dlm_sum = torch.where(masked, dlm_ce.float() * weight, 0.0).sum()
+        dlm_sum = torch.where(masked, _at_least_float32(dlm_ce) * weight, 0.0).sum()
         dlm_tokens = masked.sum()
     elif dlm_weight > 0:
         raise ValueError("dlm_weight > 0 but no dlm_ce given")
     if ar_ce is not None:
         if ar_mask is None:
             raise ValueError("ar_ce needs ar_mask")
-        ar_sum = torch.where(ar_mask, ar_ce.float(), 0.0).sum()
+        ar_sum = torch.where(ar_mask, _at_least_float32(ar_ce), 0.0).sum()
         ar_tokens = ar_mask.sum()
     elif ar_weight > 0:
         raise ValueError("ar_weight > 0 but no ar_ce given")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ar2dlm.model.masks import document_starts
+
 SCHEDULES = ("uniform", "position")
 
 _MASK64 = (1 << 64) - 1
@@ -94,11 +96,7 @@ def block_layout(
     pos = torch.arange(length).expand(b, length)
     if document_ids is None:
         return pos // block_size, pos % block_size
-    doc = document_ids.cpu()
-    new_doc = torch.ones(b, length, dtype=torch.bool)
-    new_doc[:, 1:] = doc[:, 1:] != doc[:, :-1]
-    doc_start = torch.where(new_doc, pos, 0).cummax(dim=1).values
-    in_block = (pos - doc_start) % block_size
+    in_block = (pos - document_starts(document_ids.cpu())) % block_size
     block_id = (in_block == 0).long().cumsum(dim=1) - 1
     return block_id, in_block
 

@@ -25,6 +25,18 @@ def test_defaults_come_from_the_schema_and_overrides_apply():
     assert cfg.optim.beta2 == 0.95 and cfg.optim.weight_decay == 0.1
 
 
+@pytest.mark.parametrize("stage", ["train", "run"])
+def test_the_old_spelling_of_no_clean_stream_is_accepted_with_one_warning(stage, caplog):
+    overrides = REQUIRED[stage] + ["train.objective=diffusion", "diffusion.clean_pattern=bidirectional"]
+    with caplog.at_level("WARNING", logger="ar2dlm"):
+        cfg = compose_stage(stage, overrides)
+    assert cfg.diffusion.clean_pattern == "none"
+    assert caplog.messages == ["diffusion.clean_pattern=bidirectional is deprecated: it is now spelled "
+                               "diffusion.clean_pattern=none"]
+    with pytest.raises(ConfigError, match="clean_pattern=none .* needs train.objective=diffusion"):
+        compose_stage(stage, REQUIRED[stage] + ["train.objective=joint", "diffusion.clean_pattern=bidirectional"])
+
+
 def test_named_recipe_is_applied_and_overrides_win():
     cfg = compose_stage("train", REQUIRED["train"] + ["recipe=tiny", "train.steps=9"])
     assert cfg.data.seq_length == 64

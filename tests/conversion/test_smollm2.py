@@ -37,10 +37,10 @@ def test_smollm2_converts_exactly_and_self_speculates_losslessly(tmp_path, megat
     handle = model.register_forward_pre_hook(
         lambda _module, _args, kwargs: drafts.append(bool((kwargs["input_ids"] == model.config.mask_token_id).any())),
         with_kwargs=True)
-    spec, nfe = model.linear_spec_generate(batch.input_ids, max_new_tokens=24, block_length=8,
-                                           attention_mask=batch.attention_mask)
+    spec, stats = model.linear_spec_generate(batch.input_ids, max_new_tokens=24, block_length=8,
+                                             attention_mask=batch.attention_mask, return_stats=True)
     handle.remove()
-    cycles = model.last_decode_stats.cycles
+    nfe, cycles = stats.nfe, stats.cycles
     assert torch.equal(ar, spec)
     assert nfe == len(drafts) == 1 + cycles + sum(drafts) and sum(drafts) >= cycles - 1  # prefill; verify (+ draft)
     # 23 tokens follow the prefill's: a cycle whose draft is rejected gives one, so fewer cycles means accepted

@@ -12,8 +12,8 @@ BLOCK = 4
 
 
 def export_tiny_llama(folder: Path, tokenizer, *, block_size: int = BLOCK, seed: int = 0) -> Path:
+    from ar2dlm.conversion.runtime_install import install_runtime
     from ar2dlm.model.hf_factory import make_hf_model
-    from ar2dlm.runtime import install_runtime
 
     path = make_hf_model("LlamaForCausalLM", folder, vocab_size=len(tokenizer) + 4, tokenizer=tokenizer,
                          hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2,

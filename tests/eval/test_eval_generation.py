@@ -79,8 +79,8 @@ def test_ar_nfe_per_example_is_the_nfe_of_decoding_alone(tiny, held_out):
     for ids, example in zip(encoded, result.rows, strict=True):
         import torch
 
-        _, nfe = model.ar_generate(torch.tensor([ids]), 8)
-        assert example.nfe == nfe == model.last_decode_stats.new_tokens[0] == example.new_tokens
+        _, stats = model.ar_generate(torch.tensor([ids]), 8, return_stats=True)
+        assert example.nfe == stats.nfe == stats.new_tokens[0] == example.new_tokens
     assert result.tokens_per_forward == 1.0 and result.acceptance_length is None
 
 

@@ -1,5 +1,5 @@
 """Metric definitions on hand-checkable inputs (no model): TPF, acceptance length, per-example NFE from
-``last_decode_stats``, answers and exact match, aggregation."""
+the runtime's decoding stats, answers and exact match, aggregation."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from ar2dlm.eval.metrics import (
 )
 
 
-def stats(mode, nfe, cycles, new_tokens, **extra):
-    """A stand-in for the runtime's ``last_decode_stats``."""
-    return SimpleNamespace(mode=mode, nfe=nfe, cycles=cycles, new_tokens=tuple(new_tokens), **extra)
+def stats(mode, nfe, cycles, new_tokens):
+    """A stand-in for the runtime's ``DecodeStats``."""
+    return SimpleNamespace(mode=mode, nfe=nfe, cycles=cycles, new_tokens=tuple(new_tokens))
 
 
 def row(task="copy", correct=True, new_tokens=4, nfe=4, cycles=3) -> ExampleResult:
@@ -52,9 +52,6 @@ def test_alone_costs_from_decode_stats():
     # diffusion / self-speculation rows share their passes in a batch: not derivable
     assert alone_costs(stats("self_spec", 15, 7, [12, 3]), "self_spec") is None
     assert alone_costs(stats("diffusion", 15, 2, [8, 8]), "diffusion") is None
-    # per-row counts, when a runtime reports them, are used as they are
-    per_row = stats("self_spec", 15, 7, [12, 3], row_nfe=(15, 5), row_cycles=(7, 2))
-    assert alone_costs(per_row, "self_spec") == [(15, 7), (5, 2)]
 
 
 def test_answers_and_exact_match():

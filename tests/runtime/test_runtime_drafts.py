@@ -1,4 +1,4 @@
-"""Self-speculation and diffusion on the known-answer model (``known`` in tests/runtime/conftest.py): drafts
+"""Self-speculation and diffusion on the known-answer model (``known`` in tests/conftest.py): drafts
 that are accepted, acceptance per cycle, NFE and the attention inside the block, all exact.
 
 The model's rules: a token predicts its successor (C0 -> C1 -> C2 -> C3 -> F -> F ...; O -> C0); a mask predicts

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+from ar2dlm.conversion.hf_source import SUPPORTED_ARCHITECTURES
+
+FAMILIES = SUPPORTED_ARCHITECTURES
 PROMPTS = ([17, 42, 99], [5, 60, 61, 62, 200, 13, 77], [250, 11, 12, 30, 31])
 NO_EOS: list[int] = []  # an empty EOS list: decode all max_new_tokens
 
@@ -140,7 +142,7 @@ def test_nfe_by_hand(load_runtime, prompt_batch):
 
 
 def test_self_spec_nfe_is_two_per_cycle(known):
-    """On the known-answer model (tests/runtime/conftest.py) [S, C0] continues C1 C2 C3 F F ..., and every draft
+    """On the known-answer model (tests/conftest.py) [S, C0] continues C1 C2 C3 F F ..., and every draft
     of [seed, M, M, M] is [seed, F, F, F]."""
     model = known.load()
     ids = torch.tensor([[known.sink, known.chain[0]]])
@@ -225,7 +227,7 @@ def test_missing_mask_token_id_raises(load_runtime):
     assert model.ar_generate(torch.tensor([[20, 21]]), 2)[0].shape == (1, 4)  # AR needs no mask token
 
 
-@pytest.mark.parametrize("pattern", ["block_causal", "bidirectional"])
+@pytest.mark.parametrize("pattern", ["block_causal", "none"])
 def test_clean_patterns_the_runtime_does_not_serve_are_refused(pattern, load_runtime):
     model = load_runtime("LlamaForCausalLM", fresh=True)
     model.config.clean_pattern = pattern
@@ -253,13 +255,21 @@ def test_sliding_window_models_match_hf(arch, overrides, make_export):
     assert torch.equal(model.linear_spec_generate(ids, 10, block_length=4, eos_token_id=NO_EOS)[0], ar)
 
 
-def test_last_decode_stats(known):
+def test_decode_stats_are_returned_on_request(known):
     model = known.load()
     c = known.chain
     ids, mask = torch.tensor([[0, known.sink, c[0]], [known.sink, c[1], c[2]]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
     sequences, nfe = model.linear_spec_generate(ids, 9, block_length=4, attention_mask=mask, eos_token_id=NO_EOS)
-    stats = model.last_decode_stats
+    again, stats = model.linear_spec_generate(ids, 9, block_length=4, attention_mask=mask, eos_token_id=NO_EOS,
+                                              return_stats=True)
+    assert torch.equal(again, sequences) and not hasattr(model, "last_decode_stats")
     # row 0: C1 (prefill) | C2 | C3 | F F F F | F (a draft of [F, M]: a lone mask says O, rejected) | F;
     # row 1 is done after two cycles: C3 | F F F F | F F F F
     assert (stats.mode, stats.nfe, stats.cycles, stats.new_tokens) == ("self_spec", nfe, 5, (9, 9))
     assert nfe == 1 + 2 * 4 + 1
+    for decode, mode in ((model.ar_generate, "ar"), (model.generate, "diffusion")):
+        plain, plain_nfe = decode(ids, 5, attention_mask=mask)
+        same, mode_stats = decode(ids, 5, attention_mask=mask, return_stats=True)
+        assert torch.equal(plain, same) and (mode_stats.mode, mode_stats.nfe) == (mode, plain_nfe)
+    with pytest.raises(ValueError, match="return_stats"):
+        model.generate(ids, attention_mask=mask, do_sample=False, return_stats=True)

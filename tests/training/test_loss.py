@@ -93,11 +93,11 @@ def test_objectives_change_weights_and_token_counts() -> None:
 def test_objective_weights_mapping_and_validation() -> None:
     assert objective_weights("joint") == objective_weights("joint", 0.3, 1.0)
     j = objective_weights("joint", dlm_weight=0.5, ar_weight=2.0)
-    assert (j.dlm, j.ar, j.doubled_sequence) == (0.5, 2.0, True)
+    assert (j.dlm, j.ar, j.has_diffusion_term) == (0.5, 2.0, True)
     a = objective_weights("ar", dlm_weight=0.5)
-    assert (a.dlm, a.ar, a.doubled_sequence) == (0.0, 1.0, False)
+    assert (a.dlm, a.ar, a.has_diffusion_term) == (0.0, 1.0, False)
     d = objective_weights("diffusion")
-    assert (d.dlm, d.ar, d.doubled_sequence) == (0.3, 0.0, True)
+    assert (d.dlm, d.ar, d.has_diffusion_term) == (0.3, 0.0, True)
     for bad in (
         {"objective": "mdm"},
         {"objective": "joint", "dlm_weight": -0.1},

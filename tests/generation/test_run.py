@@ -32,8 +32,8 @@ def export_dir(make_export):
     ("self_spec", 1 + 2 * 4),  # prefill: C0; cycles give C1 | C2 | C3 | F F F F (the draft F F F accepted)
 ])
 def test_generate_prints_text_and_stats(mode, nfe, known, tiny_tokenizer, capsys):
-    """The known-answer export (tests/runtime/conftest.py) continues "...fox" with C0 C1 C2 C3 F F F F."""
-    from ar2dlm.runtime.generate_cli import run_generate
+    """The known-answer export (tests/conftest.py) continues "...fox" with C0 C1 C2 C3 F F F F."""
+    from ar2dlm.generation.run import run_generate
 
     assert run_generate(generate_config(known.path, mode=mode)) == 0
     *text, stats = capsys.readouterr().out.rstrip("\n").split("\n")
@@ -56,7 +56,7 @@ def test_generate_prints_text_and_stats(mode, nfe, known, tiny_tokenizer, capsys
     ({"max_new_tokens": 64}, "context window"),
 ])
 def test_bad_arguments_raise_user_error(overrides, message, export_dir):
-    from ar2dlm.runtime.generate_cli import run_generate
+    from ar2dlm.generation.run import run_generate
 
     with pytest.raises(UserError, match=message) as error:
         run_generate(generate_config(export_dir, **overrides))
@@ -84,7 +84,7 @@ def _config_without_mask(path):
     (_config_without_mask, "mask_token_id"),
 ])
 def test_broken_export_raises_user_error(damage, message, export_dir):
-    from ar2dlm.runtime.generate_cli import run_generate
+    from ar2dlm.generation.run import run_generate
 
     with pytest.raises(UserError, match=message):
         run_generate(generate_config(damage(export_dir)))

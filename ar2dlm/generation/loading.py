@@ -1,10 +1,12 @@
-"""Loading an HF folder with the runtime classes of the installed ar2dlm, never with the folder's code.
+"""Loading an exported HF folder for ar2dlm's own stages, with the runtime classes of the installed ar2dlm.
 
 ar2dlm's own stages (generate, eval, run, the lm-eval adapter) build the model from
 :mod:`ar2dlm.runtime.modeling_ar2dlm` by the folder's architecture; the folder's ``modeling_ar2dlm.py`` /
 ``decoding_ar2dlm.py`` are never imported. They are what plain ``AutoModelForCausalLM.from_pretrained(
 path, trust_remote_code=True)`` runs, so a folder whose runtime is not byte for byte the one this ar2dlm
 version writes (an edited file, another ar2dlm version, ``auto_map`` pointing elsewhere) gets a warning.
+Before loading, :func:`check_export` and :func:`check_served` turn a folder that is not a usable export into
+one clear error.
 """
 
 from __future__ import annotations
@@ -14,12 +16,20 @@ import json
 from functools import cache
 from pathlib import Path
 
+import torch
+
 from ar2dlm import __version__
+from ar2dlm.conversion.hf_source import SUPPORTED_ARCHITECTURES
+from ar2dlm.conversion.runtime_install import (
+    RUNTIME_DIR,
+    RUNTIME_FILES,
+    SERVED_CLEAN_PATTERN,
+    runtime_class_name,
+)
 from ar2dlm.errors import UserError
 from ar2dlm.log import logger
-from ar2dlm.runtime import RUNTIME_FILES, SUPPORTED_ARCHITECTURES, runtime_class_name
 
-_PACKAGE_DIR = Path(__file__).parent
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
 def _sha256(path: Path) -> str:
@@ -28,7 +38,7 @@ def _sha256(path: Path) -> str:
 
 @cache
 def _written_hashes() -> dict[str, str]:
-    return {name: _sha256(_PACKAGE_DIR / name) for name in RUNTIME_FILES}
+    return {name: _sha256(RUNTIME_DIR / name) for name in RUNTIME_FILES}
 
 
 def _read_json(path: Path) -> dict:
@@ -39,6 +49,50 @@ def _read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{path} is not a JSON object")
     return value
+
+
+def check_export(model_dir: Path) -> dict:
+    """The folder's config.json, after checking it is an ar2dlm export (UserError otherwise)."""
+    if not model_dir.is_dir():
+        raise UserError(f"model={model_dir} is not a directory")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{model_dir} has no config.json: not a Hugging Face checkpoint")
+    if not any(any(model_dir.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        raise UserError(f"{model_dir} has no weights (*.safetensors or pytorch_model*.bin)")
+    missing = [name for name in RUNTIME_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise UserError(f"{model_dir} lacks the ar2dlm runtime ({', '.join(missing)}): "
+                        "export it with `ar2dlm export`")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{config_path} is not valid JSON: {error}") from None
+    if config.get("mask_token_id") is None:
+        raise UserError(f"{config_path} has no mask_token_id: export the model with `ar2dlm export`")
+    return config
+
+
+def check_served(model_dir: Path, config: dict, asked: list[str]) -> None:
+    """UserError when ``asked`` (diffusion decoding modes, the ELBO) needs a causal clean stream that the export's
+    training did not have (config.json ``clean_pattern``; exports before ar2dlm recorded it are causal)."""
+    pattern = config.get("clean_pattern") or SERVED_CLEAN_PATTERN
+    if asked and pattern != SERVED_CLEAN_PATTERN:
+        raise UserError(f"{model_dir} was trained with diffusion.clean_pattern={pattern}: {' and '.join(asked)} "
+                        f"would read a {SERVED_CLEAN_PATTERN} prefix cache, which it was not trained for; only AR "
+                        "decoding (mode ar) serves it")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a torch device (auto, cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name!r} but no CUDA GPU is available")
+    return device
 
 
 def runtime_differences(model_dir: Path) -> list[str]:
@@ -96,3 +150,17 @@ def load_runtime_model(model_dir: Path, *, dtype=None, export: bool = True):
         warn_if_runtime_differs(model_dir)
     kwargs = {} if dtype is None else {"dtype": dtype}
     return model_class.from_pretrained(str(model_dir), **kwargs)
+
+
+def load_export(model_dir: Path, device: torch.device):
+    """Tokenizer and tri-mode model (float32 on CPU, the checkpoint's dtype on a GPU), built with this
+    ar2dlm's runtime: the folder's own runtime files are never run (a warning says if they differ)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as error:  # transformers raises many types for a missing/broken tokenizer
+        raise UserError(f"cannot load the tokenizer of {model_dir}: {error}".splitlines()[0]) from None
+    dtype = torch.float32 if device.type == "cpu" else "auto"
+    model = load_runtime_model(model_dir, dtype=dtype)
+    return tokenizer, model.to(device).eval()

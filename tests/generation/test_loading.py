@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from ar2dlm.errors import UserError
+from ar2dlm.generation.loading import load_runtime_model, runtime_differences
 from ar2dlm.log import logger
-from ar2dlm.runtime.loading import load_runtime_model, runtime_differences
 
 
 def plant_runtime(folder: Path, marker: Path) -> Path:
@@ -45,7 +45,7 @@ def test_untouched_export_loads_without_warning(export_dir, warnings_seen):
 
 
 def test_generate_never_runs_a_planted_runtime_and_warns(export_dir, tmp_path, warnings_seen, capsys):
-    from ar2dlm.runtime.generate_cli import run_generate
+    from ar2dlm.generation.run import run_generate
 
     marker = tmp_path / "marker"
     plant_runtime(export_dir, marker)
