@@ -2,7 +2,8 @@
 
 Loading is lazy: ``AutoBridge.from_hf_pretrained`` reads config.json and the safetensors index, and
 weights are then streamed tensor by tensor into the Megatron model (the HF torch model is never
-built), so converting needs about one copy of the model in memory.
+built). The model is built without initialising its parameters, as megatron-bridge's own loading does:
+every one is filled from the source (checked), so converting needs about one copy of the model in memory.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ar2dlm.compat import import_megatron_bridge
+from ar2dlm.errors import UserError
 from ar2dlm.log import logger
 from ar2dlm.model.gpt import build_model, prepare_provider
 
@@ -125,6 +128,28 @@ def load_grown_vocabulary(model, hf_dir: Path, weight_files: dict[str, Path], or
                 parameter[row].copy_(mean)
 
 
+class ParameterWrites(TorchDispatchMode):
+    """Records which storages in-place operations write to, to tell which parameters were filled."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = kwargs.get("out", args[0] if args and func._schema.name.endswith("_") else None)
+        if isinstance(target, torch.Tensor):
+            self.storages.add(target.untyped_storage().data_ptr())
+        return func(*args, **kwargs)
+
+    def check_all_written(self, model_chunks: list) -> None:
+        missing = [name for chunk in model_chunks for name, parameter in chunk.named_parameters()
+                   if parameter.untyped_storage().data_ptr() not in self.storages]
+        if missing:
+            raise UserError(f"megatron-bridge filled no value from the source into {', '.join(missing)}: this "
+                            "checkpoint's tensors do not match its architecture (see the warnings above)")
+
+
 def build_converted_model(hf_dir: Path, hf_config, params_dtype: torch.dtype | None, vocab_size: int,
                           weight_files: dict[str, Path], tokenizer_rows: int, initialise_rows: list[int]):
     """Megatron model chunks with the HF weights, the vocabulary grown and mask rows initialised."""
@@ -132,12 +157,16 @@ def build_converted_model(hf_dir: Path, hf_config, params_dtype: torch.dtype | N
         bridge = auto_bridge(view)
         log_shard_progress(bridge)
         provider = megatron_provider(bridge, hf_config, params_dtype=params_dtype, vocab_size=vocab_size)
+        provider.perform_initialization = False
         chunks = build_model(provider)
         vocab_changed = vocab_size != hf_config.vocab_size or bool(initialise_rows)
-        load_weights(bridge, chunks, skip_vocab=vocab_changed)
-    if vocab_changed:
         original_rows = min(tokenizer_rows, hf_config.vocab_size)
-        load_grown_vocabulary(chunks[0], hf_dir, weight_files, original_rows, initialise_rows)
+        with ParameterWrites() as writes:
+            load_weights(bridge, chunks, skip_vocab=vocab_changed)
+            if vocab_changed:
+                load_grown_vocabulary(chunks[0], hf_dir, weight_files, original_rows, initialise_rows)
+        writes.check_all_written(chunks)
+    if vocab_changed:
         logger.info("vocabulary %d -> %d rows: the source's embedding (and output layer) rows are copied; new "
                     "mask-token row(s) %s start as the mean of its first %d rows", hf_config.vocab_size, vocab_size,
                     initialise_rows or "none", original_rows)

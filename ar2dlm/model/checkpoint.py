@@ -18,7 +18,6 @@ import torch
 
 from ar2dlm import __version__
 from ar2dlm.errors import UserError
-from ar2dlm.model.checkpoint_writer import use_in_process_result_queue
 from ar2dlm.model.manifest import verify_manifest
 from ar2dlm.model.safe_pickle import check_distributed_checkpoint
 
@@ -81,17 +80,16 @@ def read_metadata(directory: str | Path) -> CheckpointMetadata:
 
 
 def save_strategy():
-    """``torch_dist`` with one writer process per rank: each extra writer holds more of the model in memory."""
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+    """``torch_dist``, written in the saving process one tensor at a time (no staged copy of the model)."""
+    from ar2dlm.model.streaming_checkpoint_writer import StreamingSaveStrategy
 
-    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    return StreamingSaveStrategy()
 
 
 def save_weights(model_chunks: list, directory: Path) -> None:
     """Write the model as a megatron-core distributed checkpoint (``torch_dist`` format)."""
     from megatron.core import dist_checkpointing
 
-    use_in_process_result_queue()
     directory.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(_sharded_state_dict(model_chunks), str(directory), sharded_strategy=save_strategy())
 
