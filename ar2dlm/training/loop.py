@@ -26,6 +26,7 @@ from ar2dlm.training.checkpointing import (
     resume_checkpoint,
     rng_state,
     save_training_checkpoint,
+    step_checkpoints,
 )
 from ar2dlm.training.data_parallel import wrap_data_parallel
 from ar2dlm.training.forward import (
@@ -140,9 +141,17 @@ class Trainer:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
                 "rng": rng_state(), "config": OmegaConf.to_container(self.cfg)}
 
-    def _last_checkpoint_note(self) -> str:
-        last = newest_checkpoint(self.output)
-        return f"the last checkpoint, all finite, is {last}" if last else "no checkpoint was written"
+    def _last_checkpoint_note(self, failed_step: int | None = None) -> str:
+        """Which checkpoint to resume from after a divergence at ``failed_step``."""
+        saved = step_checkpoints(self.output)
+        if not saved:
+            return "no checkpoint was written"
+        note = f"the last checkpoint, all finite, is {saved[-1]}"
+        if failed_step is not None and saved[-1].name == f"step_{failed_step - 1:07d}":
+            earlier = f"; {saved[-2].name} is the one before it" if len(saved) > 1 else ""
+            note += (f"; it was saved right after the update that led to this, so its weights may already be "
+                     f"diverging{earlier}")
+        return note
 
     def _save(self) -> Path:
         if not parameters_are_finite(self.unwrapped_model):
@@ -179,13 +188,13 @@ class Trainer:
         loss = float(reduced.loss_sum) / float(global_tokens)
         if not math.isfinite(loss):
             raise TrainingDivergedError(f"loss is {loss} at step {step}; stopping without writing a checkpoint "
-                                        f"for this step ({self._last_checkpoint_note()})")
+                                        f"for this step ({self._last_checkpoint_note(step)})")
         self.scheduler.step(1)  # step s trains at the schedule's lr(s): with warmup W, lr * s / W from step 1
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = self.optimizer.step()
         if not math.isfinite(grad_norm):
             raise TrainingDivergedError(f"gradient norm is {grad_norm} at step {step}; parameters were not updated "
-                                        f"and no checkpoint is written for this step ({self._last_checkpoint_note()})")
+                                        f"and no checkpoint is written for this step ({self._last_checkpoint_note(step)})")
         elapsed = time.perf_counter() - started
         tokens = self.cfg.train.global_batch_size * prepared[0].layout.seq_len  # data tokens (x_0), all ranks
         return {"loss": loss, "ar_loss": float(reduced.ar_loss), "dlm_loss": float(reduced.dlm_loss),

@@ -77,6 +77,8 @@ def test_nan_loss_stops_without_a_poisoned_checkpoint(run_setup, monkeypatch):
     with pytest.raises(TrainingDivergedError, match="loss is nan at step 3") as raised:
         Trainer(cfg("train.steps=6", "checkpoint.save_interval=1")).fit()
     assert raised.value.exit_code == 3
+    assert "step_0000002; it was saved right after the update" in str(raised.value)  # the suspect one is named
+    assert "step_0000001 is the one before it" in str(raised.value)
     saved = sorted(p.name for p in (output / "checkpoints").glob("step_*"))
     assert saved == ["step_0000001", "step_0000002"]
 
