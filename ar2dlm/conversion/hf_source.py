@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ar2dlm.errors import UserError
+from ar2dlm.fs import read_json_object
 
 # the families the runtime has a class for; the runtime keeps its own copy (modeling_ar2dlm.RUNTIME_CLASSES)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
@@ -85,13 +86,7 @@ def _read_config(root: Path) -> dict:
     config_path = root / "config.json"
     if not config_path.is_file():
         raise UserError(f"source {root} has no config.json (not a Hugging Face checkpoint folder)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{config_path} cannot be parsed: {error}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path} does not hold a JSON object")
-    return config
+    return read_json_object(config_path)
 
 
 def _architecture(root: Path, config: dict) -> str:

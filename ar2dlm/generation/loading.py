@@ -12,7 +12,6 @@ one clear error.
 from __future__ import annotations
 
 import hashlib
-import json
 from functools import cache
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from ar2dlm.conversion.runtime_install import (
     runtime_class_name,
 )
 from ar2dlm.errors import UserError
+from ar2dlm.fs import read_json_object
 from ar2dlm.log import logger
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -39,16 +39,6 @@ def _sha256(path: Path) -> str:
 @cache
 def _written_hashes() -> dict[str, str]:
     return {name: _sha256(RUNTIME_DIR / name) for name in RUNTIME_FILES}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} cannot be parsed: {error}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return value
 
 
 def check_export(model_dir: Path) -> dict:
@@ -64,10 +54,7 @@ def check_export(model_dir: Path) -> dict:
     if missing:
         raise UserError(f"{model_dir} lacks the ar2dlm runtime ({', '.join(missing)}): "
                         "export it with `ar2dlm export`")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{config_path} is not valid JSON: {error}") from None
+    config = read_json_object(config_path)
     if config.get("mask_token_id") is None:
         raise UserError(f"{config_path} has no mask_token_id: export the model with `ar2dlm export`")
     return config
@@ -105,14 +92,14 @@ def runtime_differences(model_dir: Path) -> list[str]:
             differences.append(f"{name} is missing")
         elif (digest := _sha256(path)) != _written_hashes()[name]:
             differences.append(f"{name} differs (sha256 {digest[:12]}, ar2dlm writes {_written_hashes()[name][:12]})")
-    config = _read_json(model_dir / "config.json")
+    config = read_json_object(model_dir / "config.json")
     architecture = (config.get("architectures") or [None])[0]
     if architecture in SUPPORTED_ARCHITECTURES:
         expected = {"AutoModelForCausalLM": f"modeling_ar2dlm.{runtime_class_name(architecture)}"}
         if config.get("auto_map") != expected:
             differences.append(f"config.json auto_map is {config.get('auto_map')}, ar2dlm writes {expected}")
     tokenizer_config = model_dir / "tokenizer_config.json"
-    if tokenizer_config.is_file() and "auto_map" in _read_json(tokenizer_config):
+    if tokenizer_config.is_file() and "auto_map" in read_json_object(tokenizer_config):
         differences.append("tokenizer_config.json names tokenizer code (auto_map)")
     return differences
 
@@ -134,7 +121,7 @@ def runtime_model_class(model_dir: Path):
     from ar2dlm.runtime.modeling_ar2dlm import RUNTIME_CLASSES
 
     config_path = model_dir / "config.json"
-    architecture = (_read_json(config_path).get("architectures") or [None])[0]
+    architecture = (read_json_object(config_path).get("architectures") or [None])[0]
     if architecture not in RUNTIME_CLASSES:
         raise UserError(f"{config_path} names architecture {architecture!r}; ar2dlm's runtime supports "
                         f"{', '.join(RUNTIME_CLASSES)}")

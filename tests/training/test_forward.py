@@ -1,10 +1,10 @@
 """The objective wiring: noisy-half logits predict x_0 unshifted, clean-half logits predict x_0[i+1]."""
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ar2dlm.data.loader import Batch
 from ar2dlm.model.core_attention import AttentionLayout
 from ar2dlm.model.gpt import build_model
 from ar2dlm.training.forward import ObjectiveSettings, forward_loss, prepare_batch
@@ -14,24 +14,17 @@ from ar2dlm.training.noise import NoiseConfig
 MASK_ID = 127
 
 
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor
-    loss_mask: torch.Tensor
-    document_ids: torch.Tensor | None
-    sample_index: torch.Tensor
-
 
 def _settings(objective: str, pattern: str = "causal") -> ObjectiveSettings:
     return ObjectiveSettings(objective_weights(objective), NoiseConfig(mask_token_id=MASK_ID, block_size=4),
                              pattern, "sdpa", seed=7, pad_id=0)
 
 
-def _batch() -> _Batch:
+def _batch() -> Batch:
     ids = torch.randint(1, 120, (2, 16), generator=torch.Generator().manual_seed(3))
     loss_mask = torch.ones_like(ids, dtype=torch.bool)
     loss_mask[0, :3] = False  # a prompt: never noised, never scored
-    return _Batch(ids, loss_mask, None, torch.tensor([10, 11]))
+    return Batch(ids, loss_mask, None, torch.tensor([10, 11]))
 
 
 def test_joint_loss_equals_hand_computed_terms(tiny_provider):
@@ -78,7 +71,7 @@ def test_layouts_per_objective(tiny_provider):
 
 def test_noise_follows_the_sample_not_the_batch(tiny_provider):
     batch = _batch()
-    swapped = _Batch(batch.input_ids.flip(0), batch.loss_mask.flip(0), None, batch.sample_index.flip(0))
+    swapped = Batch(batch.input_ids.flip(0), batch.loss_mask.flip(0), None, batch.sample_index.flip(0))
     a = prepare_batch(batch, 4, _settings("joint"))
     b = prepare_batch(swapped, 4, _settings("joint"))
     assert torch.equal(a.noise.masked, b.noise.masked.flip(0))

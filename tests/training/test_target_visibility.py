@@ -6,7 +6,6 @@ layers (the transitive closure of the layout's mask), the query that predicts a 
 position that holds that token: the clean copy, or the noisy copy where it is not masked.
 """
 
-from dataclasses import dataclass
 from itertools import product
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 from ar2dlm.config import ConfigError, compose_stage
 from ar2dlm.config.validate import CHOICES
+from ar2dlm.data.loader import Batch
 from ar2dlm.model.masks import LAYOUTS, dense_mask
 from ar2dlm.training.forward import ObjectiveSettings, prepare_batch
 from ar2dlm.training.loss import objective_weights
@@ -22,15 +22,8 @@ from ar2dlm.training.noise import NoiseConfig
 LENGTH, BLOCK, MASK_ID = 16, 4, 127
 
 
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor
-    loss_mask: torch.Tensor
-    document_ids: torch.Tensor | None
-    sample_index: torch.Tensor
 
-
-def _batch(packed: bool) -> _Batch:
+def _batch(packed: bool) -> Batch:
     ids = torch.randint(1, 120, (2, LENGTH), generator=torch.Generator().manual_seed(5))
     loss_mask = torch.ones_like(ids, dtype=torch.bool)
     loss_mask[0, :5] = False  # a prompt
@@ -38,7 +31,7 @@ def _batch(packed: bool) -> _Batch:
     if packed:
         documents = torch.zeros_like(ids)
         documents[:, 6:] = 1  # the second document starts inside a block
-    return _Batch(ids, loss_mask, documents, torch.tensor([3, 4]))
+    return Batch(ids, loss_mask, documents, torch.tensor([3, 4]))
 
 
 def _settings(cfg) -> ObjectiveSettings:
