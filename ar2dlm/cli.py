@@ -18,7 +18,10 @@ STAGE_ENTRY_POINTS: dict[str, str] = {
     "eval": "ar2dlm.eval.run:run_eval",
     "run": "ar2dlm.pipeline:run_pipeline",
     "data_prepare": "ar2dlm.data.prepare:run_prepare",
+    "plan": "ar2dlm.planning.report:run_plan",
 }
+# options of one stage only: --NAME becomes the entry point's keyword argument NAME=True
+STAGE_OPTIONS: dict[str, dict[str, str]] = {"plan": {"--json": "print the plan as JSON (bytes, FLOPs, seconds)"}}
 # multi-word commands: `ar2dlm data prepare ...` runs stage data_prepare
 SUBCOMMANDS = {("data", "prepare"): "data_prepare"}
 
@@ -30,6 +33,7 @@ stages:
 
   ar2dlm <stage> --help   list the stage's keys: default, meaning and allowed values
   ar2dlm <stage> --cfg    print the composed configuration and exit
+  ar2dlm plan --json      print the plan as JSON, for scripts
 """
 
 
@@ -63,6 +67,9 @@ def _stage_help(stage: str, overrides: list[str]) -> str:
              "keys (name and default, then what it does and the values it takes):"]
     for key, value in keys:
         lines += [f"  {key:<{width}}  {_format_value(value)}", f"      {describe(stage, key) or '(undocumented)'}"]
+    options = STAGE_OPTIONS.get(stage, {})
+    if options:
+        lines += ["", "options:"] + [f"  {flag}  {text}" for flag, text in options.items()]
     lines += ["", f"recipes: {', '.join(available_recipes())}"]
     return "\n".join(lines)
 
@@ -94,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if stage not in STAGE_ENTRY_POINTS:
             raise UserError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ENTRY_POINTS)}")
-        unknown = [f for f in flags if f not in ("--help", "-h", "--cfg")]
+        stage_options = STAGE_OPTIONS.get(stage, {})
+        unknown = [f for f in flags if f not in ("--help", "-h", "--cfg", *stage_options)]
         if unknown:
-            raise UserError(f"unknown option {unknown[0]!r}; options: --help, --cfg")
+            known = ", ".join(["--help", "--cfg", *stage_options])
+            raise UserError(f"unknown option {unknown[0]!r}; options: {known}")
         if "--help" in flags:
             print(_stage_help(stage, overrides))
             return 0
@@ -115,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(cfg.logging.level)
         silence_expected_warnings()
         configure_torch_for_cpu()
-        result = _entry_point(stage)(cfg)
+        options = {flag.removeprefix("--"): True for flag in flags if flag in stage_options}
+        result = _entry_point(stage)(cfg, **options)
         return int(result or 0)
     except UserError as error:
         command = next((" ".join(words) for words, name in SUBCOMMANDS.items() if name == stage), stage)

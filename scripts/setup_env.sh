@@ -20,8 +20,10 @@ echo "setup_env: creating .venv with $("$PYTHON" --version 2>&1) (this takes a f
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade "pip>=23" "setuptools>=77" wheel
 "${PIP[@]}" install "$TORCH_SPEC"
-"${PIP[@]}" install -r requirements/cpu.txt
+# The requirements (lm-eval among them) must not replace that torch: pip fails instead of upgrading it.
+.venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/.ar2dlm-torch-constraint.txt
+"${PIP[@]}" install -r requirements/cpu.txt -c .venv/.ar2dlm-torch-constraint.txt
 "${PIP[@]}" install --no-deps "$BRIDGE_SPEC"
 "${PIP[@]}" install --no-deps --no-build-isolation -e .
-.venv/bin/python -c "import torch, megatron.core, ar2dlm; print('setup_env: torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| ar2dlm', ar2dlm.__version__)" >&2
+.venv/bin/python -c "import torch, megatron.core, lm_eval, ar2dlm; print('setup_env: torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| lm-eval', lm_eval.__version__, '| ar2dlm', ar2dlm.__version__)" >&2
 echo "$WANT" > "$STAMP"

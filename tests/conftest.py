@@ -198,3 +198,41 @@ def known(tmp_path_factory, tiny_tokenizer) -> KnownAnswer:
     path = known_answer_export(tmp_path_factory.mktemp("known") / "known", tiny_tokenizer, mask_id=mask_id,
                                max_position_embeddings=64)
     return KnownAnswer(path, mask_id)
+
+
+@pytest.fixture
+def make_run_setup(make_tiny_hf, tmp_path, megatron_ready):
+    """Factory: ``make(architecture, tied, **hf_config)`` converts a tiny random model of that family and writes a
+    corpus; returns ``(cfg, output)`` where ``cfg(*overrides, stage="train")`` composes a tiny joint-training
+    config on it (``stage="plan"``: the same config for `ar2dlm plan`)."""
+    from ar2dlm.config import compose_stage
+    from ar2dlm.conversion.convert import convert
+    from ar2dlm.data.synthetic import examples, write_jsonl
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", list(examples(200, seed=0)))
+    made = []
+
+    def make(architecture: str = "Qwen3ForCausalLM", tied: bool = True, **hf_config):
+        suffix = f"-{len(made)}" if made else ""  # the first keeps the names other tests expect
+        name = f"{architecture}-{'tied' if tied else 'untied'}{suffix}"
+        converted = tmp_path / f"converted{suffix}"
+        convert(make_tiny_hf(architecture, tied=tied, name=name, **hf_config), converted)
+        made.append(converted)
+
+        def cfg(*overrides, stage: str = "train"):
+            return compose_stage(stage, [
+                f"init={converted}", f"output={tmp_path / 'run'}", "recipe=tiny",
+                f"data.sources=[{{path: {corpus}}}]", "data.seq_length=32", "diffusion.block_size=8",
+                "train.global_batch_size=4", "train.micro_batch_size=2", "optim.lr=3e-3", "optim.warmup_steps=1",
+                *overrides,
+            ])
+
+        return cfg, tmp_path / "run"
+
+    return make
+
+
+@pytest.fixture
+def run_setup(make_run_setup):
+    """``cfg(*overrides)`` composes a tiny joint-training config on a converted Qwen3; returns (cfg, output)."""
+    return make_run_setup()

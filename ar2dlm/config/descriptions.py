@@ -87,7 +87,9 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "threshold": "diffusion: commit every masked token at least this confident (in [0, 1])",
     "temperature": "sampling temperature (0: greedy)",
     "device": "auto (cuda if available), cpu, cuda, cuda:N",
-    "tasks": "evaluation tasks: demo, demo:N, 'demo:n=N,train=T,seed=S', jsonl:PATH (prompt, answer)",
+    "tasks": "evaluation tasks: demo, demo:N, 'demo:n=N,train=T,seed=S', jsonl:PATH (prompt, answer), "
+             "lm_eval:TASK (an lm-evaluation-harness task, group or task YAML; needs the eval extra)",
+    "lm_eval_include": "folder of lm-eval task YAMLs that lm_eval:TASK may name, besides lm-eval's own (null: none)",
     "modes": f"decoding modes to evaluate: a list of {', '.join(MODES)}",
     "thresholds": "diffusion thresholds of the sweep (each in [0, 1])",
     "block_lengths": "block lengths of the sweep (empty: [block_length])",
@@ -112,6 +114,18 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "tokenizer": "HF tokenizer (folder or hub id) to tokenise with",
     "mask_token_id": "id of the mask token (null: an unused special token, else a new <|mask|> row)",
     "dtype": "weights' dtype in the checkpoint (auto: the source's)",
+    "model.name": "the HF model this recipe is laid out for (shown by `ar2dlm plan`; null: none)",
+    "model.hidden_size": "architecture the recipe is laid out for, read by `ar2dlm plan` when init is not a "
+                         "checkpoint (training builds the model from init): hidden size (null: not described)",
+    "model.num_layers": "described architecture: transformer layers",
+    "model.num_attention_heads": "described architecture: query heads",
+    "model.num_key_value_heads": "described architecture: key/value heads (GQA groups)",
+    "model.head_dim": "described architecture: width of a head (null: hidden_size / num_attention_heads)",
+    "model.ffn_hidden_size": "described architecture: SwiGLU MLP width (HF intermediate_size)",
+    "model.vocab_size": "described architecture: vocabulary rows of the embedding and output layer",
+    "model.tied_embeddings": "described architecture: the output layer shares the embedding (true | false)",
+    "model.qkv_bias": "described architecture: the QKV projection has a bias, as in Qwen2 (true | false)",
+    "model.qk_norm": "described architecture: RMSNorm on queries and keys, as in Qwen3 (true | false)",
 }
 
 STAGE_DESCRIPTIONS: dict[str, dict[str, str]] = {
@@ -144,6 +158,18 @@ STAGE_DESCRIPTIONS: dict[str, dict[str, str]] = {
         "strict": "stop at the first undecodable document instead of skipping it (true | false)",
         "batch_size": "documents tokenised per batch (integer >= 1)",
         "max_document_chars": "longer texts are tokenised in pieces (integer >= 1)",
+    },
+    "plan": {
+        "init": "ar2dlm checkpoint whose model is planned (null: the model.* description of the recipe)",
+        "output": "not used by plan (accepted so that a train command line plans as it is)",
+        "resume": "not used by plan",
+        "plan.gpus": "GPUs of the run; data parallel = gpus / (tensor x pipeline x context) (null: WORLD_SIZE if "
+                     "set, else one node of 8: as many data-parallel ranks as fit and divide the step's micro-batches)",
+        "plan.gpu_memory_gb": "memory of one GPU in GB; the plan fits when it needs at most 90% of it (> 0)",
+        "plan.mfu": "model FLOPs utilisation assumed for time per step and tokens per day (in (0, 1])",
+        "plan.peak_tflops": "dense peak TFLOP/s of one GPU in the training precision (989: H100 SXM BF16) (> 0)",
+        "plan.device": "what the run uses: gpu (megatron-core optimizer, Transformer Engine layers) or cpu "
+                       "(torch AdamW, megatron-core's local layers)",
     },
 }
 

@@ -104,6 +104,24 @@ class LoggingConfig:
 
 
 @dataclass
+class ModelDescriptionConfig:
+    """The architecture a recipe is laid out for (`ar2dlm plan` sizes it when init is not a checkpoint; training
+    builds the model from init)."""
+
+    name: str | None = None  # the HF model, e.g. Qwen/Qwen3-8B-Base
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None  # null: hidden_size / num_attention_heads
+    ffn_hidden_size: int | None = None
+    vocab_size: int | None = None
+    tied_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+
+
+@dataclass
 class ConvertStage:
     source: str = "???"
     output: str = "???"
@@ -127,6 +145,25 @@ class TrainStage:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    model: ModelDescriptionConfig = field(default_factory=ModelDescriptionConfig)
+
+
+@dataclass
+class PlanConfig:
+    gpus: int | None = None  # null: WORLD_SIZE when set, else one node of 8 (ar2dlm.planning.run.planned_gpus)
+    gpu_memory_gb: float = 80.0
+    mfu: float = 0.4
+    peak_tflops: float = 989.0  # dense BF16 peak of one H100 SXM
+    device: str = "gpu"  # gpu | cpu
+
+
+@dataclass
+class PlanStage(TrainStage):
+    """`ar2dlm plan`: a train config (same keys and rules) sized for a cluster before it is submitted."""
+
+    init: str | None = None
+    output: str | None = None
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 @dataclass
@@ -157,7 +194,8 @@ class EvalStage:
     model: str = "???"
     output: str = "???"
     overwrite: bool = False
-    tasks: list[str] = field(default_factory=lambda: ["demo"])  # demo | demo:N | jsonl:PATH (see ar2dlm.eval.tasks)
+    tasks: list[str] = field(default_factory=lambda: ["demo"])  # demo | demo:N | jsonl:PATH | lm_eval:TASK
+    lm_eval_include: str | None = None  # a folder of lm-eval task YAMLs for lm_eval:TASK (see ar2dlm.eval.harness)
     modes: list[str] = field(default_factory=lambda: list(MODES))
     thresholds: list[float] = field(default_factory=lambda: [0.9])
     block_length: int = 32
@@ -242,6 +280,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "eval": EvalStage,
     "run": RunStage,
     "data_prepare": DataPrepareStage,
+    "plan": PlanStage,
 }
 
 STAGE_SUMMARIES: dict[str, str] = {
@@ -252,4 +291,5 @@ STAGE_SUMMARIES: dict[str, str] = {
     "eval": "quality and speed of every decoding mode",
     "run": "the whole chain: source model, convert, train, export, eval",
     "data_prepare": "tokenise a text source into a Megatron indexed dataset (.bin/.idx)",
+    "plan": "memory per GPU, FLOPs, time and communication of a train config, before submitting it",
 }

@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple] = {
     "optim.schedule": ("wsd", "cosine", "constant"),
     "mode": MODES,
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "plan.device": ("gpu", "cpu"),
 }
 
 
@@ -58,7 +59,9 @@ def _between(cfg: DictConfig, key: str, low: float, high: float) -> Iterator[str
         yield f"{key}={value} must be in [{low}, {high}]"
 
 
-def _training_rules(cfg: DictConfig) -> Iterator[str]:
+def _training_rules(cfg: DictConfig, world: int | None = None, on_this_machine: bool = True) -> Iterator[str]:
+    """``world``: the world size (default: WORLD_SIZE); ``on_this_machine=False`` checks a run meant for another
+    machine (``plan``): FP8 is not refused for want of a GPU here."""
     train, diffusion, parallel, optim = cfg.train, cfg.diffusion, cfg.parallel, cfg.optim
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "diffusion.block_size",
                 "data.seq_length", "parallel.tensor", "parallel.pipeline", "parallel.context",
@@ -84,8 +87,8 @@ def _training_rules(cfg: DictConfig) -> Iterator[str]:
     if parallel.context > 1 and cfg.data.seq_length % (2 * parallel.context):
         yield (f"data.seq_length={cfg.data.seq_length} must be a multiple of 2 x parallel.context = "
                f"{2 * parallel.context} (each context-parallel rank holds two chunks of the sequence)")
-    yield from _layout_rules(train, parallel)
-    yield from _fp8_rules(train)
+    yield from _layout_rules(train, parallel, world)
+    yield from _fp8_rules(train, needs_gpu_here=on_this_machine)
     for index, source in enumerate(cfg.data.sources):
         if source.weight < 0:
             yield f"data.sources[{index}].weight={source.weight} must be >= 0"
@@ -100,10 +103,10 @@ def _training_rules(cfg: DictConfig) -> Iterator[str]:
                "or diffusion.clean_pattern=causal")
 
 
-def _layout_rules(train: DictConfig, parallel: DictConfig) -> Iterator[str]:
+def _layout_rules(train: DictConfig, parallel: DictConfig, world: int | None = None) -> Iterator[str]:
     if min(parallel.tensor, parallel.pipeline, parallel.context, train.micro_batch_size) < 1:
         return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     model_parallel = parallel.tensor * parallel.pipeline * parallel.context
     if world % model_parallel:
         yield (f"world size {world} is not divisible by parallel.tensor x parallel.pipeline x "
@@ -117,10 +120,10 @@ def _layout_rules(train: DictConfig, parallel: DictConfig) -> Iterator[str]:
         yield "parallel.sequence_parallel needs parallel.tensor > 1"
 
 
-def _fp8_rules(train: DictConfig) -> Iterator[str]:
+def _fp8_rules(train: DictConfig, needs_gpu_here: bool = True) -> Iterator[str]:
     if train.fp8 is None:
         return
-    if not torch.cuda.is_available():
+    if needs_gpu_here and not torch.cuda.is_available():
         yield f"train.fp8={train.fp8} needs a CUDA GPU with Transformer Engine; this machine has no GPU"
     if train.precision != "bf16":
         yield f"train.fp8={train.fp8} needs train.precision=bf16 (got {train.precision})"
@@ -173,6 +176,28 @@ def _data_prepare_rules(cfg: DictConfig) -> Iterator[str]:
     yield from _at_least(cfg, "source.max_documents", 1)
 
 
+def _plan_rules(cfg: DictConfig) -> Iterator[str]:
+    """The train rules for the planned cluster (plan.gpus GPUs, not this machine), and the plan's own."""
+    from ar2dlm.planning.run import planned_gpus
+
+    gpus = planned_gpus(cfg)
+    if gpus < 1:
+        yield f"plan.gpus={gpus} must be >= 1"
+    else:
+        yield from _training_rules(cfg, world=gpus, on_this_machine=False)
+    plan = cfg.plan
+    if plan.gpu_memory_gb <= 0:
+        yield f"plan.gpu_memory_gb={plan.gpu_memory_gb} must be > 0"
+    if not 0 < plan.mfu <= 1:
+        yield f"plan.mfu={plan.mfu} must be in (0, 1]"
+    if plan.peak_tflops <= 0:
+        yield f"plan.peak_tflops={plan.peak_tflops} must be > 0"
+    if plan.device == "cpu" and cfg.train.fp8 is not None:
+        yield f"train.fp8={cfg.train.fp8} needs plan.device=gpu (Transformer Engine)"
+    if plan.device == "cpu" and cfg.parallel.sequence_parallel:
+        yield "parallel.sequence_parallel needs plan.device=gpu"
+
+
 _STAGE_RULES: dict[str, Callable[[DictConfig], Iterator[str]]] = {
     "data_prepare": _data_prepare_rules,
     "convert": _convert_rules,
@@ -181,6 +206,7 @@ _STAGE_RULES: dict[str, Callable[[DictConfig], Iterator[str]]] = {
     "generate": _generate_stage_rules,
     "eval": _eval_rules,
     "run": _run_rules,
+    "plan": _plan_rules,
 }
 
 

@@ -7,14 +7,17 @@ register the model by running lm-eval through this module (same arguments as ``l
     python -m ar2dlm.eval.lm_eval_adapter --model ar2dlm \\
         --model_args pretrained=HF_DIR,mode=diffusion,block_length=32,threshold=0.9 --tasks gsm8k
 
-or, from Python, ``import ar2dlm.eval.lm_eval_adapter`` before ``lm_eval.simple_evaluate(model="ar2dlm", ...)``.
+or, from Python, ``import ar2dlm.eval.lm_eval_adapter`` before ``lm_eval.simple_evaluate(model="ar2dlm", ...)``,
+or ``ar2dlm eval tasks=[lm_eval:TASK]`` (:mod:`ar2dlm.eval.harness`).
 ``model_args``: pretrained (an ar2dlm export), mode (ar | diffusion | self_spec; default self_spec),
-block_length and threshold (default: the export's config), max_gen_toks (256), batch_size (1), device (auto).
+block_length and threshold (default: the export's config), max_gen_toks (256; a task's own ``max_gen_toks``
+wins), batch_size (1), device (auto; lm-eval's ``--device``, default cuda:0, when not in model_args).
 Generation is greedy (temperature 0); sampling arguments are ignored with a warning.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 try:
@@ -53,19 +56,49 @@ class Ar2dlmLM(LM):
         if unused:
             logger.warning("ar2dlm lm-eval model ignores model_args %s", ", ".join(sorted(unused)))
         config = check_export(Path(pretrained).expanduser())
-        self.tokenizer, self.model = load_export(Path(pretrained).expanduser(), resolve_device(str(device)))
-        self.mode = mode
-        self.block_length = _as_int(block_length or config.get("block_size", 32), "block_length")
-        self.threshold = float(threshold if threshold is not None else config.get("diffusion_threshold", 0.9))
+        tokenizer, model = load_export(Path(pretrained).expanduser(), resolve_device(str(device)))
+        self._attach(model, tokenizer, max_gen_toks, batch_size)
+        self.decode_with(mode, _as_int(block_length or config.get("block_size", 32), "block_length"),
+                         float(threshold if threshold is not None else config.get("diffusion_threshold", 0.9)))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> Ar2dlmLM:
+        """As lm-eval's, except that ``model_args`` win over the ``additional_config`` lm-eval adds (its
+        command line always passes ``device``, default cuda:0, and ``batch_size``) instead of clashing."""
+        extra = {key: value for key, value in (additional_config or {}).items()
+                 if value is not None and key not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> Ar2dlmLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def around(cls, model, tokenizer, *, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, batch_size: int = 1
+               ) -> Ar2dlmLM:
+        """The harness model of an export already loaded (by ``ar2dlm eval``); it decodes in AR until
+        :meth:`decode_with` says otherwise."""
+        lm = cls.__new__(cls)
+        LM.__init__(lm)
+        lm._attach(model, tokenizer, max_gen_toks, batch_size)
+        lm.decode_with("ar")
+        return lm
+
+    def _attach(self, model, tokenizer, max_gen_toks, batch_size) -> None:
+        self.model, self.tokenizer = model, tokenizer
         self.max_gen_toks = _as_int(max_gen_toks, "max_gen_toks")
         self.batch_size = max(1, _as_int(batch_size if batch_size != "auto" else 1, "batch_size"))
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 4096) or 4096)
 
+    def decode_with(self, mode: str, block_length: int | None = None, threshold: float | None = None) -> None:
+        """Decoding of ``generate_until`` requests from now on (loglikelihoods always use the AR forward)."""
+        self.decoding = DecodeConfig(mode, self.max_gen_toks, None if mode == "ar" else block_length,
+                                     threshold if mode == "diffusion" else None)
+
     def _decode_config(self, max_new_tokens: int) -> DecodeConfig:
-        if self.mode == "ar":
-            return DecodeConfig("ar", max_new_tokens)
-        threshold = self.threshold if self.mode == "diffusion" else None
-        return DecodeConfig(self.mode, max_new_tokens, self.block_length, threshold)
+        return replace(self.decoding, max_new_tokens=max_new_tokens)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self.tokenizer, *request.args) for request in requests]

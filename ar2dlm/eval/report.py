@@ -1,16 +1,18 @@
-"""Evaluation reports: ``report.json``, ``report.md`` (settings + table), ``predictions.jsonl`` and a PNG
+"""Evaluation reports: ``report.json``, ``report.md`` (settings + tables), ``predictions.jsonl`` and a PNG
 plot of accuracy against tokens per forward across the sweep."""
 
 from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 TABLE_COLUMNS = ("mode", "block", "threshold", "accuracy", "tokens/forward", "acceptance", "tokens/s", "NFE")
+HARNESS_COLUMNS = ("lm-eval task", "mode", "block", "threshold", "metric", "value", "stderr")
 MODE_MARKERS = {"ar": "s", "diffusion": "o", "self_spec": "^"}
 
 
@@ -52,9 +54,33 @@ def table_row(result: dict) -> list[str]:
 
 def markdown_table(results: list[dict]) -> str:
     """The sweep as a markdown table (NFE: mean per example, decoded alone)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(table_row(result)) + " |" for result in results]
-    return "\n".join(lines)
+    return _markdown(TABLE_COLUMNS, [table_row(result) for result in results])
+
+
+def _markdown(columns: Sequence[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def harness_table(rows: list[dict]) -> str:
+    """lm-evaluation-harness results (:func:`ar2dlm.eval.harness.evaluate_harness`), a line per metric;
+    loglikelihood tasks have no decoding mode (the harness scores them with the AR forward)."""
+    lines = []
+    for row in rows:
+        for key, value in row["metrics"].items():
+            metric, _, filter_name = key.partition(",")
+            if metric.endswith("_stderr"):
+                continue
+            lines.append([row["task"], row["mode"] or "loglikelihood", _cell(row["block_length"]),
+                          _cell(row["threshold"]), metric if filter_name == "none" else f"{metric} ({filter_name})",
+                          _cell(value, 4), _cell(row["metrics"].get(f"{metric}_stderr,{filter_name}"), 4)])
+    return _markdown(HARNESS_COLUMNS, lines)
+
+
+def tables(report: dict) -> list[str]:
+    """The markdown tables of a report: the sweep (when there were examples) and the lm-eval tasks."""
+    out = [markdown_table(report["results"])] if report["results"] else []
+    return out + ([harness_table(report["lm_eval"])] if report.get("lm_eval") else [])
 
 
 def _likelihood_lines(report: dict) -> list[str]:
@@ -71,17 +97,18 @@ def _likelihood_lines(report: dict) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
-    """Settings next to the numbers, then the likelihoods and the table."""
+    """Settings next to the numbers, then the likelihoods and the tables."""
     settings = report["settings"]
     lines = ["# ar2dlm evaluation", ""]
     lines += [f"- {key}: {value}" for key, value in settings.items() if key != "machine"]
     machine = settings.get("machine", {})
     lines.append("- machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()))
     lines += [""] + _likelihood_lines(report)
-    lines += ["", markdown_table(report["results"]), ""]
-    lines += ["NFE: forward passes per example decoded alone; tokens/forward = generated tokens (EOS included)"
-              " / NFE; acceptance: tokens committed per self-speculation verify cycle; tokens/s: batched"
-              " wall-clock throughput.", ""]
+    lines += ["", "\n\n".join(tables(report)), ""]
+    if report["results"]:
+        lines += ["NFE: forward passes per example decoded alone; tokens/forward = generated tokens (EOS included)"
+                  " / NFE; acceptance: tokens committed per self-speculation verify cycle; tokens/s: batched"
+                  " wall-clock throughput.", ""]
     batched = sorted({r["mode"] for r in report["results"] if r.get("nfe_basis") == "batch"})
     if batched:
         lines += [f"{' and '.join(batched)}: each example is charged the NFE and cycles of the batch of "
@@ -127,13 +154,15 @@ def plot_tradeoff(results: list[dict], path: Path, title: str = "") -> Path:
 
 
 def write_report(report: dict, output: Path, rows: list[dict] | None = None) -> dict[str, Path]:
-    """Write report.json, report.md, accuracy_vs_tpf.png and (given per-example ``rows``)
-    predictions.jsonl into ``output``; returns their paths."""
+    """Write report.json, report.md, accuracy_vs_tpf.png (when the sweep has results) and (given
+    per-example ``rows``) predictions.jsonl into ``output``; returns their paths."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    paths = {"plot": plot_tradeoff(report["results"], output / "accuracy_vs_tpf.png",
-                                   title=str(report["settings"].get("model", "")))}
-    report = {**report, "plot": paths["plot"].name}
+    paths = {}
+    if report["results"]:
+        paths["plot"] = plot_tradeoff(report["results"], output / "accuracy_vs_tpf.png",
+                                      title=str(report["settings"].get("model", "")))
+        report = {**report, "plot": paths["plot"].name}
     paths["json"] = output / "report.json"
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["markdown"] = output / "report.md"

@@ -5,6 +5,7 @@ forward, self-speculation acceptance length and tokens/s for each setting of a s
 per block length and threshold; self-speculation per block length), plus the AR perplexity and the
 diffusion negative ELBO of held-out texts. Writes report.json, report.md, predictions.jsonl and
 accuracy_vs_tpf.png into ``output`` and prints the table last. Metric definitions: :mod:`ar2dlm.eval.metrics`.
+lm-evaluation-harness tasks (``tasks=[lm_eval:NAME]``) run after them: :mod:`ar2dlm.eval.harness`.
 
 In-process use (e.g. by the demo pipeline, with a model already loaded)::
 
@@ -25,10 +26,11 @@ from ar2dlm import __version__
 from ar2dlm.errors import UserError
 from ar2dlm.eval.elbo import diffusion_elbo
 from ar2dlm.eval.generation import DecodeConfig, encode_prompts, evaluate_setting
+from ar2dlm.eval.harness import check_harness_tasks, evaluate_harness, split_task_specs
 from ar2dlm.eval.likelihood import encode_texts, perplexity
 from ar2dlm.eval.metrics import ModeResult
-from ar2dlm.eval.report import machine_info, markdown_table, now, write_report
-from ar2dlm.eval.tasks import load_tasks, load_texts
+from ar2dlm.eval.report import machine_info, now, tables, write_report
+from ar2dlm.eval.tasks import check_limit, load_tasks, load_texts
 from ar2dlm.fs import atomic_directory, check_output_dir
 from ar2dlm.generation.modes import MODES
 from ar2dlm.log import logger
@@ -113,12 +115,13 @@ def evaluate_model(model, tokenizer, examples: Sequence, settings: EvalSettings,
                    texts: Sequence[str] | None = None) -> dict:
     """The whole evaluation of a loaded tri-mode model, as a JSON-ready dict: ``settings``,
     ``results`` (one summary per setting), ``perplexity``, ``elbo`` and ``rows`` (per-example outputs).
-    ``texts``: held-out texts for the likelihoods (default: each example's prompt + answer)."""
+    ``texts``: held-out texts for the likelihoods (default: each example's prompt + answer). Without
+    examples there is no sweep, and no likelihoods without ``texts``."""
     start = time.perf_counter()
-    results = sweep(model, tokenizer, examples, settings)
+    results = sweep(model, tokenizer, examples, settings) if examples else []
     report = {"settings": report_settings(model, examples, settings), "results": [r.summary() for r in results],
               "perplexity": None, "elbo": None}
-    if settings.perplexity:
+    if settings.perplexity and (texts or examples):
         report.update(likelihoods(model, tokenizer, texts or [e.prompt + e.answer for e in examples], settings))
     report["rows"] = [{"mode": r.mode, "block_length": r.block_length, "threshold": r.threshold, **asdict(row)}
                       for r in results for row in r.rows]
@@ -150,7 +153,8 @@ def settings_from_config(cfg: DictConfig) -> EvalSettings:
         block_lengths=tuple(int(b) for b in block_lengths), max_new_tokens=int(cfg.max_new_tokens),
         batch_size=int(cfg.batch_size), seed=int(cfg.get("seed", 1234)), perplexity=bool(cfg.get("perplexity", True)),
         elbo_draws=int(cfg.get("elbo_draws", 4)), decode_alone=bool(cfg.get("decode_alone", False)),
-        extra={"model": str(cfg.model), "tasks": list(cfg.tasks), "limit": cfg.limit},
+        extra={"model": str(cfg.model), "tasks": list(cfg.tasks), "limit": cfg.limit,
+               **({"lm_eval_include": cfg.lm_eval_include} if cfg.get("lm_eval_include") else {})},
     )
     settings.check()
     return settings
@@ -162,19 +166,27 @@ def run_eval(cfg: DictConfig) -> int:
 
     output = check_output_dir(cfg.output, cfg.get("overwrite", False), inputs=[cfg.model])
     settings = settings_from_config(cfg)
-    examples = load_tasks(list(cfg.tasks), seed=settings.seed, limit=cfg.limit)
+    native, harness_names = split_task_specs(list(cfg.tasks))
+    check_limit(cfg.limit)
+    examples = load_tasks(native, seed=settings.seed, limit=cfg.limit) if native or not harness_names else []
     texts = load_texts(cfg.perplexity_texts) if cfg.get("perplexity_texts") else None
     model_dir = Path(cfg.model).expanduser()
     config = check_export(model_dir)
     check_served(model_dir, config, [m for m in settings.modes if m != "ar"]
                  + (["the diffusion ELBO (elbo_draws > 0)"] if settings.perplexity and settings.elbo_draws else []))
+    harness_tasks = check_harness_tasks(harness_names, cfg.get("lm_eval_include")) if harness_names else []
     device = resolve_device(cfg.get("device", "auto"))
-    logger.info("evaluating %s on %s: %d examples", model_dir, device, len(examples))
+    logger.info("evaluating %s on %s: %d examples%s", model_dir, device, len(examples),
+                "".join(f", lm_eval:{task.name}" for task in harness_tasks))
     tokenizer, model = load_export(model_dir, device)
     report = evaluate_model(model, tokenizer, examples, settings, texts=texts)
+    if harness_tasks:
+        report["lm_eval"] = evaluate_harness(
+            model, tokenizer, harness_tasks, sweep_configs(settings), include=cfg.get("lm_eval_include"),
+            batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens, limit=cfg.limit)
     rows = report.pop("rows")
     with atomic_directory(output, cfg.get("overwrite", False)) as staging:
         paths = write_report(report, staging, rows=rows)
     logger.info("wrote %s", ", ".join(str(output / path.name) for path in paths.values()))
-    print(markdown_table(report["results"]))
+    print("\n\n".join(tables(report)))
     return 0

@@ -9,6 +9,7 @@ Task specs (``ar2dlm eval tasks=[...]``):
   are also unseen by a run on fewer examples of the same seed), seed = the ``seed`` argument.
 - ``jsonl:PATH``: one JSON object per line with string fields ``prompt`` and ``answer`` and an optional
   ``task`` (default: the file's stem).
+- ``lm_eval:NAME``: an lm-evaluation-harness task, run by :mod:`ar2dlm.eval.harness`, not here.
 
 Texts for perplexity (``perplexity_texts``): ``jsonl:PATH`` (field ``text``, else prompt + answer) or
 ``text:PATH`` (one text per non-empty line).
@@ -107,13 +108,18 @@ def load_task(spec: str, *, seed: int, limit: int | None = None) -> list[Example
             raise UserError("task spec 'jsonl:' needs a path: jsonl:PATH")
         examples = jsonl_examples(Path(rest).expanduser())
         return examples if limit is None else examples[:limit]
-    raise UserError(f"unknown task spec {spec!r}: use demo, demo:N, 'demo:n=N,train=T,seed=S' or jsonl:PATH")
+    raise UserError(f"unknown task spec {spec!r}: use demo, demo:N, 'demo:n=N,train=T,seed=S', jsonl:PATH "
+                    "or lm_eval:TASK")
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise UserError(f"limit={limit} must be >= 1 (or null for all examples)")
 
 
 def load_tasks(specs: Sequence[str], *, seed: int, limit: int | None = None) -> list[Example]:
     """The examples of every spec, in order (UserError when there are none or ``limit`` < 1)."""
-    if limit is not None and limit < 1:
-        raise UserError(f"limit={limit} must be >= 1 (or null for all examples)")
+    check_limit(limit)
     if not specs:
         raise UserError("tasks is empty: give at least one task, e.g. tasks=[demo]")
     examples: list[Example] = []
