@@ -117,6 +117,16 @@ def _evaluate(model_dir: Path, examples: list, settings, output: Path, *, export
     return {**report, "rows": rows}
 
 
+def eval_settings(cfg: DictConfig):
+    """The eval stage's :class:`~ar2dlm.eval.run.EvalSettings` from a run config (also used by
+    benchmarks/demo_seeds.py, so that its evaluations match the demo's)."""
+    from ar2dlm.eval.run import EvalSettings
+
+    return EvalSettings(thresholds=tuple(cfg.eval.thresholds), block_lengths=(cfg.eval.block_length,),
+                        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                        seed=cfg.seed, elbo_draws=cfg.eval.elbo_draws, decode_alone=cfg.eval.decode_alone)
+
+
 def run_pipeline(cfg: DictConfig) -> int:
     """CLI entry point of `ar2dlm run`."""
     from ar2dlm.conversion.convert import convert
@@ -151,9 +161,7 @@ def run_pipeline(cfg: DictConfig) -> int:
         exported = export(final, output / "model")
     with clock.stage("eval", f"{cfg.demo.eval_examples} held-out prompts"):
         examples = read_jsonl(eval_corpus)
-        settings = EvalSettings(thresholds=tuple(cfg.eval.thresholds), block_lengths=(cfg.eval.block_length,),
-                                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                seed=cfg.seed, elbo_draws=cfg.eval.elbo_draws, decode_alone=cfg.eval.decode_alone)
+        settings = eval_settings(cfg)
         ar_only = EvalSettings(**{**settings.__dict__, "modes": ("ar",), "elbo_draws": 0})  # no mask token yet
         source_report = _evaluate(source, examples, ar_only, output / "eval_source", export=False,
                                   mask_token_id=metadata.mask_token_id, block_size=cfg.diffusion.block_size)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ar2dlm.eval.report import machine_info, now, plot_tradeoff
+from ar2dlm.eval.report import accuracy_interval, interval_cell, machine_info, now, plot_tradeoff
 
 
 def _lossless(rows: list[dict]) -> dict:
@@ -23,7 +23,9 @@ def _line(model: str, result: dict, perplexity: float | None = None) -> dict:
     setting = "" if mode == "ar" else f"B={result['block_length']}"
     if mode == "diffusion":
         setting += f" t={result['threshold']:g}"
-    return {"model": model, "mode": mode, "setting": setting, "accuracy": result["accuracy"],
+    interval = accuracy_interval(result)
+    return {"model": model, "mode": mode, "setting": setting, "prompts": result.get("examples"),
+            "accuracy": result["accuracy"], "accuracy_interval": list(interval) if interval else None,
             "perplexity": perplexity, "tokens_per_forward": result["tokens_per_forward"],
             "acceptance_length": result["acceptance_length"], "tokens_per_second": result["tokens_per_second"]}
 
@@ -35,10 +37,12 @@ def _cell(value, digits: int = 2) -> str:
 
 
 def _table(lines: list[dict]) -> str:
-    header = "| model | mode | setting | accuracy | perplexity | tokens/forward | acceptance | tokens/s |"
-    out = [header, "|" + "---|" * 8]
+    header = ("| model | mode | setting | prompts | accuracy | 95% interval | perplexity | tokens/forward | acceptance "
+              "| tokens/s |")
+    out = [header, "|" + "---|" * 10]
     for line in lines:
-        out.append(f"| {line['model']} | {line['mode']} | {line['setting']} | {_cell(line['accuracy'], 3)} | "
+        out.append(f"| {line['model']} | {line['mode']} | {line['setting']} | {_cell(line['prompts'])} | "
+                   f"{_cell(line['accuracy'], 3)} | {interval_cell(line['accuracy_interval'])} | "
                    f"{_cell(line['perplexity'])} | {_cell(line['tokens_per_forward'])} | "
                    f"{_cell(line['acceptance_length'])} | {_cell(line['tokens_per_second'], 1)} |")
     return "\n".join(out)
@@ -64,7 +68,8 @@ def write_run_report(output: Path, cfg: DictConfig, source: dict, model: dict, h
     table = _table(lines)
     times = ", ".join(f"{name} {value:.0f}s" for name, value in seconds.items())
     ratio = f"{summary['perplexity_ratio']:.3f}" if summary["perplexity_ratio"] else "-"
-    notes = [f"stage wall times: {times} (total {summary['total_seconds']:.0f}s)",
+    notes = ["accuracy: exact match over the held-out prompts, with its 95% Wilson score interval",
+             f"stage wall times: {times} (total {summary['total_seconds']:.0f}s)",
              f"self-speculation identical to AR greedy on {lossless['identical']}/{lossless['examples']} prompts; "
              f"perplexity ratio trained/source {ratio}"]
     if any(result.get("nfe_basis") == "batch" for result in model["results"]):

@@ -20,13 +20,17 @@ def test_shortened_demo_runs_every_stage_and_reports(tmp_path, megatron_ready, c
                      ("ar2dlm", "diffusion", "B=16 t=0.9"), ("ar2dlm", "self_spec", "B=16")]
     assert report["self_spec_vs_ar"] == {"identical": 12, "examples": 12}  # lossless on every prompt
     assert all(line["tokens_per_forward"] > 0 for line in report["table"])
+    for line in report["table"]:  # every accuracy carries its prompt count and 95% interval
+        low, high = line["accuracy_interval"]
+        assert line["prompts"] == 12 and 0.0 <= low <= line["accuracy"] <= high <= 1.0 and high - low > 0.1
     assert report["table"][0]["perplexity"] > 1 and report["table"][1]["perplexity"] > 1
     for name in ("report.md", "accuracy_vs_tpf.png", "model/config.json", "source/config.json",
                  "eval_model/predictions.jsonl"):
         assert (output / name).is_file(), name
     printed = capsys.readouterr().out.strip().splitlines()
     header = max(i for i, line in enumerate(printed) if line.startswith("| model | mode |"))
-    assert len(printed) - header == 2 + len(report["table"]) + 2  # the table and two notes close the output
+    assert len(printed) - header == 2 + len(report["table"]) + 3  # the table and three notes close the output
+    assert "95% Wilson score interval" in printed[-3]
     assert "self-speculation identical to AR greedy on 12/12" in printed[-1]
 
 

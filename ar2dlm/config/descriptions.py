@@ -85,6 +85,11 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "max_new_tokens": "most tokens to generate per prompt (integer >= 1)",
     "block_length": "tokens decoded per diffusion block / self-speculation draft (integer >= 1)",
     "threshold": "diffusion: commit every masked token at least this confident (in [0, 1])",
+    "sub_block_length": "diffusion: commit only inside the leftmost unfinished sub-block of this many positions; "
+                        "the pass still reads the whole block (integer >= 1; null: the whole block)",
+    "confidence": "diffusion: how masked positions are ranked: probability (of the chosen token) or position "
+                  "(probability x position_decay ^ distance from the leftmost masked position)",
+    "position_decay": "diffusion with confidence=position: discount per position (in (0, 1]; 1: none)",
     "temperature": "sampling temperature (0: greedy)",
     "device": "auto (cuda if available), cpu, cuda, cuda:N",
     "tasks": "evaluation tasks: demo, demo:N, 'demo:n=N,train=T,seed=S', jsonl:PATH (prompt, answer), "

@@ -184,6 +184,9 @@ class GenerateStage:
     max_new_tokens: int = 64
     block_length: int = 32
     threshold: float = 0.9
+    sub_block_length: int | None = None  # diffusion commits in the leftmost unfinished sub-block; null: whole block
+    confidence: str = "probability"  # probability | position
+    position_decay: float = 0.9  # confidence=position: discount per position right of the leftmost mask
     temperature: float = 0.0
     device: str = "auto"
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -198,6 +201,9 @@ class EvalStage:
     lm_eval_include: str | None = None  # a folder of lm-eval task YAMLs for lm_eval:TASK (see ar2dlm.eval.harness)
     modes: list[str] = field(default_factory=lambda: list(MODES))
     thresholds: list[float] = field(default_factory=lambda: [0.9])
+    sub_block_length: int | None = None  # see GenerateStage
+    confidence: str = "probability"  # see GenerateStage
+    position_decay: float = 0.9  # see GenerateStage
     block_length: int = 32
     block_lengths: list[int] = field(default_factory=list)  # a block-length sweep; empty: [block_length]
     max_new_tokens: int = 64

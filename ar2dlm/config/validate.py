@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from ar2dlm.generation.modes import MODES
+from ar2dlm.runtime.decoding_ar2dlm import CONFIDENCES
 
 CHOICES: dict[str, tuple] = {
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -22,6 +23,7 @@ CHOICES: dict[str, tuple] = {
     "diffusion.attention_kernel": ("auto", "flex", "sdpa", "split"),
     "optim.schedule": ("wsd", "cosine", "constant"),
     "mode": MODES,
+    "confidence": CONFIDENCES,
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "plan.device": ("gpu", "cpu"),
 }
@@ -138,6 +140,10 @@ def _generate_rules(cfg: DictConfig) -> Iterator[str]:
     for key in ("max_new_tokens", "block_length"):
         yield from _at_least(cfg, key, 1)
     yield from _between(cfg, "threshold", 0.0, 1.0)
+    yield from _at_least(cfg, "sub_block_length", 1)
+    decay = _get(cfg, "position_decay")
+    if decay is not _ABSENT and decay is not None and not 0.0 < decay <= 1.0:
+        yield f"position_decay={decay} must be in (0, 1]"
     yield from _at_least(cfg, "temperature", 0.0)
 
 

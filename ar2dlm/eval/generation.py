@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +42,14 @@ class DecodeConfig:
     max_new_tokens: int = 64
     block_length: int | None = None  # diffusion and self_spec
     threshold: float | None = None  # diffusion
+    sub_block_length: int | None = None  # diffusion's levers (docs/design.md §4.4); None: the runtime's default
+    confidence: str | None = None
+    position_decay: float | None = None
+
+    def levers(self) -> dict:
+        """Diffusion's decoding levers as keyword arguments of ``decode``."""
+        return {"sub_block_length": self.sub_block_length, "confidence": self.confidence,
+                "position_decay": self.position_decay}
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -102,7 +110,7 @@ def decode_batch(model, rows: Sequence[Sequence[int]], config: DecodeConfig, pad
     _synchronize(model)
     start = time.perf_counter()
     sequences, stats = decode(model, config.mode, input_ids, config.max_new_tokens, block_length=config.block_length,
-                              threshold=config.threshold, attention_mask=attention_mask)
+                              threshold=config.threshold, attention_mask=attention_mask, **config.levers())
     _synchronize(model)
     seconds = time.perf_counter() - start
     new = sequences[:, input_ids.shape[1]:].tolist()
@@ -136,8 +144,7 @@ def evaluate_setting(model, tokenizer, examples: Sequence, encoded: Sequence[Seq
         raise UserError(f"batch_size={batch_size} must be >= 1")
     pad_id = pad_token_id(model, tokenizer)
     if warmup and encoded:
-        short = DecodeConfig(config.mode, min(WARMUP_TOKENS, config.max_new_tokens), config.block_length,
-                             config.threshold)
+        short = replace(config, max_new_tokens=min(WARMUP_TOKENS, config.max_new_tokens))
         decode_batch(model, list(encoded[:batch_size]), short, pad_id)
     outputs: list[list[int]] = []
     costs: list[tuple[int, int] | None] = []

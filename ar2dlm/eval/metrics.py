@@ -16,7 +16,8 @@ Definitions (every one is independent of the evaluation batch size):
   decoded alone gets 1 token from the prefill and the rest from its cycles, so its committed tokens are
   ``new_tokens - 1`` over ``cycles`` verify cycles; the mean is sum(new_tokens - 1) / sum(cycles).
 - **accuracy**: exact match of the answer (generated text up to the first newline, whitespace
-  stripped) with the reference answer (stripped).
+  stripped) with the reference answer (stripped), with ``correct`` of ``examples`` and its 95% Wilson
+  score interval (:mod:`ar2dlm.eval.intervals`), overall and per task.
 - **tokens/s**: generated tokens / wall seconds of the batched decoding calls (this one does depend on
   the batch size and the machine: it is throughput).
 """
@@ -26,6 +27,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+
+from ar2dlm.eval.intervals import wilson_interval
 
 
 @dataclass
@@ -62,6 +65,10 @@ class ModeResult:
     batch_forwards: int  # forward passes the batched calls ran (depends on the batch size)
     batch_mismatches: int = 0  # examples whose batched output differs from the output decoded alone
     nfe_basis: str = "alone"  # "batch": some examples carry their batch's NFE and cycles (see batch_costs)
+    correct: int = 0  # examples answered exactly
+    accuracy_interval: tuple[float, float] = (0.0, 1.0)  # 95% Wilson score interval of correct / examples
+    task_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # task -> (correct, examples)
+    task_interval: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> 95% Wilson interval
     rows: list[ExampleResult] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -118,12 +125,17 @@ def batch_costs(stats) -> list[tuple[int, int]]:
     return [(int(stats.nfe), int(stats.cycles))] * len(stats.new_tokens)
 
 
-def task_accuracy(rows: Sequence[ExampleResult]) -> dict[str, float]:
-    """Accuracy per task name, tasks in order of first appearance."""
+def task_counts(rows: Sequence[ExampleResult]) -> dict[str, tuple[int, int]]:
+    """(correct, examples) per task name, tasks in order of first appearance."""
     by_task: dict[str, list[bool]] = defaultdict(list)
     for row in rows:
         by_task[row.task].append(row.correct)
-    return {task: sum(hits) / len(hits) for task, hits in by_task.items()}
+    return {task: (sum(hits), len(hits)) for task, hits in by_task.items()}
+
+
+def task_accuracy(rows: Sequence[ExampleResult]) -> dict[str, float]:
+    """Accuracy per task name, tasks in order of first appearance."""
+    return {task: hits / count for task, (hits, count) in task_counts(rows).items()}
 
 
 def summarize(mode: str, block_length: int | None, threshold: float | None, rows: list[ExampleResult],
@@ -131,6 +143,8 @@ def summarize(mode: str, block_length: int | None, threshold: float | None, rows
               ) -> ModeResult:
     """Aggregate the per-example results of one setting."""
     count = len(rows)
+    correct = sum(row.correct for row in rows)
+    per_task = task_counts(rows)
     tokens = sum(row.new_tokens for row in rows)
     nfe = sum(row.nfe for row in rows)
     acceptance = None
@@ -138,10 +152,12 @@ def summarize(mode: str, block_length: int | None, threshold: float | None, rows
         acceptance = acceptance_length([r.new_tokens for r in rows], [r.cycles for r in rows])
     return ModeResult(
         mode=mode, block_length=block_length, threshold=threshold, examples=count,
-        accuracy=sum(row.correct for row in rows) / count if count else 0.0,
+        accuracy=correct / count if count else 0.0,
         task_accuracy=task_accuracy(rows), new_tokens=tokens, nfe=nfe,
         nfe_per_example=nfe / count if count else 0.0, tokens_per_forward=tokens_per_forward(tokens, nfe),
         acceptance_length=acceptance, seconds=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
-        batch_forwards=batch_forwards, batch_mismatches=batch_mismatches, nfe_basis=nfe_basis, rows=rows,
+        batch_forwards=batch_forwards, batch_mismatches=batch_mismatches, nfe_basis=nfe_basis,
+        correct=correct, accuracy_interval=wilson_interval(correct, count), task_counts=per_task,
+        task_interval={task: wilson_interval(hits, n) for task, (hits, n) in per_task.items()}, rows=rows,
     )

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import torch
 
-TABLE_COLUMNS = ("mode", "block", "threshold", "accuracy", "tokens/forward", "acceptance", "tokens/s", "NFE")
-HARNESS_COLUMNS = ("lm-eval task", "mode", "block", "threshold", "metric", "value", "stderr")
+from ar2dlm.eval.intervals import successes_of, wilson_interval
+
+TABLE_COLUMNS = ("mode", "block", "threshold", "prompts", "accuracy", "95% interval", "tokens/forward", "acceptance",
+                 "tokens/s", "NFE")
+HARNESS_COLUMNS = ("lm-eval task", "mode", "block", "threshold", "metric", "value", "stderr", "samples",
+                   "95% interval")
+ACCURACY_METRICS = ("acc", "acc_norm", "exact_match")  # lm-eval metrics that are a proportion of samples
 MODE_MARKERS = {"ar": "s", "diffusion": "o", "self_spec": "^"}
 
 
@@ -45,15 +50,34 @@ def _cell(value, digits: int = 2) -> str:
     return str(value)
 
 
+def accuracy_interval(result: dict) -> tuple[float, float] | None:
+    """The 95% Wilson interval of a result's accuracy (recomputed from accuracy and examples when the
+    result predates the ``accuracy_interval`` field; None without a prompt count)."""
+    if result.get("accuracy_interval") is not None:
+        return tuple(result["accuracy_interval"])
+    examples = result.get("examples")
+    if examples is None:
+        return None
+    return wilson_interval(successes_of(result["accuracy"], examples), examples)
+
+
+def interval_cell(interval, digits: int = 3) -> str:
+    if interval is None:
+        return "-"
+    low, high = interval
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def table_row(result: dict) -> list[str]:
-    return [result["mode"], _cell(result["block_length"]), _cell(result["threshold"]),
-            _cell(result["accuracy"], 3), _cell(result["tokens_per_forward"]),
+    return [result["mode"], _cell(result["block_length"]), _cell(result["threshold"]), _cell(result.get("examples")),
+            _cell(result["accuracy"], 3), interval_cell(accuracy_interval(result)), _cell(result["tokens_per_forward"]),
             _cell(result["acceptance_length"]), _cell(result["tokens_per_second"], 1),
             _cell(result["nfe_per_example"], 1)]
 
 
 def markdown_table(results: list[dict]) -> str:
-    """The sweep as a markdown table (NFE: mean per example, decoded alone)."""
+    """The sweep as a markdown table (accuracy with its prompt count and 95% Wilson interval; NFE: mean per
+    example, decoded alone)."""
     return _markdown(TABLE_COLUMNS, [table_row(result) for result in results])
 
 
@@ -62,9 +86,18 @@ def _markdown(columns: Sequence[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def harness_interval(metric: str, value: float, samples: int | None) -> str:
+    """The 95% Wilson interval of an lm-eval accuracy-like metric over ``samples`` ("-" for other metrics,
+    for a group's aggregate, which has no sample count, and for values that are not proportions)."""
+    if metric not in ACCURACY_METRICS or not samples or not 0.0 <= value <= 1.0:
+        return "-"
+    return interval_cell(wilson_interval(successes_of(value, samples), samples), 4)
+
+
 def harness_table(rows: list[dict]) -> str:
     """lm-evaluation-harness results (:func:`ar2dlm.eval.harness.evaluate_harness`), a line per metric;
-    loglikelihood tasks have no decoding mode (the harness scores them with the AR forward)."""
+    loglikelihood tasks have no decoding mode (the harness scores them with the AR forward). Accuracies
+    (acc, acc_norm, exact_match) get the sample count and a 95% Wilson interval next to lm-eval's stderr."""
     lines = []
     for row in rows:
         for key, value in row["metrics"].items():
@@ -73,7 +106,8 @@ def harness_table(rows: list[dict]) -> str:
                 continue
             lines.append([row["task"], row["mode"] or "loglikelihood", _cell(row["block_length"]),
                           _cell(row["threshold"]), metric if filter_name == "none" else f"{metric} ({filter_name})",
-                          _cell(value, 4), _cell(row["metrics"].get(f"{metric}_stderr,{filter_name}"), 4)])
+                          _cell(value, 4), _cell(row["metrics"].get(f"{metric}_stderr,{filter_name}"), 4),
+                          _cell(row.get("samples")), harness_interval(metric, value, row.get("samples"))])
     return _markdown(HARNESS_COLUMNS, lines)
 
 
@@ -106,7 +140,8 @@ def render_markdown(report: dict) -> str:
     lines += [""] + _likelihood_lines(report)
     lines += ["", "\n\n".join(tables(report)), ""]
     if report["results"]:
-        lines += ["NFE: forward passes per example decoded alone; tokens/forward = generated tokens (EOS included)"
+        lines += ["accuracy: exact match over the prompts; 95% interval: Wilson score interval of that proportion.",
+                  "NFE: forward passes per example decoded alone; tokens/forward = generated tokens (EOS included)"
                   " / NFE; acceptance: tokens committed per self-speculation verify cycle; tokens/s: batched"
                   " wall-clock throughput.", ""]
     batched = sorted({r["mode"] for r in report["results"] if r.get("nfe_basis") == "batch"})

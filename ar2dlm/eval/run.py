@@ -32,7 +32,7 @@ from ar2dlm.eval.metrics import ModeResult
 from ar2dlm.eval.report import machine_info, now, tables, write_report
 from ar2dlm.eval.tasks import check_limit, load_tasks, load_texts
 from ar2dlm.fs import atomic_directory, check_output_dir
-from ar2dlm.generation.modes import MODES
+from ar2dlm.generation.modes import MODES, diffusion_levers
 from ar2dlm.log import logger
 
 
@@ -50,6 +50,7 @@ class EvalSettings:
     elbo_draws: int = 4
     warmup: bool = True  # one short untimed decoding call before each setting
     decode_alone: bool = False  # see ar2dlm.eval.generation.evaluate_setting
+    levers: dict = field(default_factory=dict)  # diffusion's sub_block_length, confidence, position_decay
     extra: dict = field(default_factory=dict)  # recorded in the report's settings as given
 
     def check(self) -> None:
@@ -76,7 +77,7 @@ def sweep_configs(settings: EvalSettings) -> list[DecodeConfig]:
         configs.append(DecodeConfig("ar", settings.max_new_tokens))
     for block in settings.block_lengths:
         if "diffusion" in settings.modes:
-            configs += [DecodeConfig("diffusion", settings.max_new_tokens, block, float(t))
+            configs += [DecodeConfig("diffusion", settings.max_new_tokens, block, float(t), **settings.levers)
                         for t in settings.thresholds]
         if "self_spec" in settings.modes:
             configs.append(DecodeConfig("self_spec", settings.max_new_tokens, block))
@@ -136,7 +137,7 @@ def report_settings(model, examples: Sequence, settings: EvalSettings) -> dict:
     return {
         "model": str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")),
         **settings.extra, "examples": len(examples), "task_examples": tasks, "modes": list(settings.modes),
-        "block_lengths": list(settings.block_lengths), "thresholds": list(settings.thresholds),
+        "block_lengths": list(settings.block_lengths), "thresholds": list(settings.thresholds), **settings.levers,
         "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, "seed": settings.seed,
         "temperature": 0.0, "elbo_draws": settings.elbo_draws if settings.perplexity else 0,
         "decode_alone": settings.decode_alone,
@@ -153,6 +154,7 @@ def settings_from_config(cfg: DictConfig) -> EvalSettings:
         block_lengths=tuple(int(b) for b in block_lengths), max_new_tokens=int(cfg.max_new_tokens),
         batch_size=int(cfg.batch_size), seed=int(cfg.get("seed", 1234)), perplexity=bool(cfg.get("perplexity", True)),
         elbo_draws=int(cfg.get("elbo_draws", 4)), decode_alone=bool(cfg.get("decode_alone", False)),
+        levers=diffusion_levers(cfg),
         extra={"model": str(cfg.model), "tasks": list(cfg.tasks), "limit": cfg.limit,
                **({"lm_eval_include": cfg.lm_eval_include} if cfg.get("lm_eval_include") else {})},
     )

@@ -5,7 +5,7 @@ Task specs (``ar2dlm eval tasks=[...]``):
 - ``demo``: held-out examples of the demo corpus (:func:`ar2dlm.data.synthetic.split_corpus`): prompts
   that never occur among the ``train`` training examples drawn with the same seed. ``demo:N`` takes N
   examples; ``'demo:n=N,train=T,seed=S'`` (quoted on the command line) sets every option. Defaults:
-  n = 100, train = 20,000 (what ``ar2dlm run recipe=demo`` trains on; held out against it, the prompts
+  n = 500, train = 20,000 (what ``ar2dlm run recipe=demo`` evaluates and trains on; held out against it, the prompts
   are also unseen by a run on fewer examples of the same seed), seed = the ``seed`` argument.
 - ``jsonl:PATH``: one JSON object per line with string fields ``prompt`` and ``answer`` and an optional
   ``task`` (default: the file's stem).
@@ -25,7 +25,7 @@ from ar2dlm.data.sources import parse_json_object
 from ar2dlm.data.synthetic import Example, split_corpus
 from ar2dlm.errors import UserError
 
-DEMO_EVAL_EXAMPLES = 100
+DEMO_EVAL_EXAMPLES = 500  # what `ar2dlm run recipe=demo` evaluates (demo.eval_examples)
 DEMO_TRAIN_EXAMPLES = DemoCorpusConfig.train_examples
 _DEMO_KEYS = ("n", "train", "seed")
 

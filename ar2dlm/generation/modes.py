@@ -4,18 +4,29 @@ each one makes."""
 from __future__ import annotations
 
 MODES: tuple[str, ...] = ("ar", "diffusion", "self_spec")
+LEVERS: tuple[str, ...] = ("sub_block_length", "confidence", "position_decay")  # diffusion's, docs/design.md §4.4
+
+
+def diffusion_levers(cfg) -> dict:
+    """The diffusion decoding levers of a `generate` or `eval` config as keyword arguments of :func:`decode`
+    (a key the config lacks: None, the runtime's default)."""
+    return {key: cfg.get(key) for key in LEVERS}
 
 
 def decode(model, mode: str, input_ids, max_new_tokens: int, *, block_length: int | None = None,
-           threshold: float | None = None, temperature: float = 0.0, attention_mask=None):
-    """One runtime call in ``mode`` (``block_length`` for diffusion and self_spec, ``threshold`` for diffusion):
+           threshold: float | None = None, temperature: float = 0.0, attention_mask=None,
+           sub_block_length: int | None = None, confidence: str | None = None, position_decay: float | None = None):
+    """One runtime call in ``mode`` (``block_length`` for diffusion and self_spec; ``threshold``,
+    ``sub_block_length``, ``confidence`` and ``position_decay`` for diffusion, None: the runtime's default):
     ``(sequences, stats)``, the runtime's ``DecodeStats`` of the call."""
     if mode == "ar":
         return model.ar_generate(input_ids, max_new_tokens, temperature=temperature, attention_mask=attention_mask,
                                  return_stats=True)
     if mode == "diffusion":
         return model.generate(input_ids, max_new_tokens, block_length=block_length, threshold=threshold,
-                              temperature=temperature, attention_mask=attention_mask, return_stats=True)
+                              temperature=temperature, attention_mask=attention_mask, return_stats=True,
+                              sub_block_length=sub_block_length, confidence=confidence,
+                              position_decay=position_decay)
     if mode == "self_spec":
         return model.linear_spec_generate(input_ids, max_new_tokens, block_length=block_length,
                                           temperature=temperature, attention_mask=attention_mask, return_stats=True)

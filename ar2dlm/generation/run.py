@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from ar2dlm.errors import UserError
 from ar2dlm.generation.loading import check_export, check_served, load_export, resolve_device
-from ar2dlm.generation.modes import MODES, decode
+from ar2dlm.generation.modes import MODES, decode, diffusion_levers
 from ar2dlm.generation.prompt import read_prompt
 from ar2dlm.log import logger
 
@@ -65,14 +65,14 @@ def encode_prompt(tokenizer, prompt: str, context: int | None, max_new_tokens: i
 
 
 def decode_prompt(model, tokenizer, ids: list[int], mode: str, max_new_tokens: int, block_length: int,
-                  threshold: float, temperature: float) -> GenerationResult:
-    """Run one mode on one prompt and time it."""
+                  threshold: float, temperature: float, **levers) -> GenerationResult:
+    """Run one mode on one prompt and time it (``levers``: diffusion's, see :func:`diffusion_levers`)."""
     input_ids = torch.tensor([ids], device=model.device)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     sequences, stats = decode(model, mode, input_ids, max_new_tokens, block_length=block_length, threshold=threshold,
-                              temperature=temperature)
+                              temperature=temperature, **levers)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -93,7 +93,7 @@ def run_generate(cfg: DictConfig) -> int:
     tokenizer, model = load_export(model_dir, device)
     ids = encode_prompt(tokenizer, prompt, config.get("max_position_embeddings"), cfg.max_new_tokens)
     result = decode_prompt(model, tokenizer, ids, cfg.mode, cfg.max_new_tokens, cfg.block_length, cfg.threshold,
-                           cfg.temperature)
+                           cfg.temperature, **diffusion_levers(cfg))
     print(result.text)
     print(result.stats_line())
     return 0

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
+CONFIDENCES = ("probability", "position")  # how diffusion ranks masked positions (see commit_rule)
+DEFAULT_POSITION_DECAY = 0.9
+
 
 @dataclass(frozen=True)
 class DecodeSettings:
@@ -25,6 +28,9 @@ class DecodeSettings:
     mask_id: int | None = None
     block_length: int = 1
     threshold: float = 1.0
+    sub_block_length: int | None = None  # diffusion commits only in the leftmost unfinished sub-block; None: block
+    confidence: str = "probability"  # one of CONFIDENCES
+    position_decay: float = DEFAULT_POSITION_DECAY  # confidence="position" only
     use_prefix_cache: bool = True
 
 
@@ -236,15 +242,51 @@ def _close_rows_at_eos(block: torch.Tensor, committed: torch.Tensor, out: Output
             committed[row] = True
 
 
-def _denoise_step(logits: torch.Tensor, block: torch.Tensor, committed: torch.Tensor,
-                  settings: DecodeSettings) -> None:
-    """Commit, per row, the most confident masked position and every masked one >= threshold."""
-    tokens, confidence = choose_tokens(logits, settings.temperature)
-    confidence = confidence.masked_fill(committed, -1.0)
-    pick = (confidence >= settings.threshold) & ~committed
-    open_rows = (~committed).any(1)
+def commit_window(masked: torch.Tensor, sub_block_length: int | None) -> torch.Tensor:
+    """Bool [B, L]: the positions of each row's leftmost unfinished sub-block, the block cut into
+    sub-blocks of ``sub_block_length`` positions from its first (the seed's); None: the whole block."""
+    if sub_block_length is None:
+        return torch.ones_like(masked)
+    positions = torch.arange(masked.shape[1], device=masked.device)
+    leftmost = _leftmost_masked(masked)
+    return (positions[None, :] // sub_block_length) == (leftmost[:, None] // sub_block_length)
+
+
+def _leftmost_masked(masked: torch.Tensor) -> torch.Tensor:
+    """[B]: each row's first masked position (0 for a row without masks)."""
+    return masked.long().argmax(1)
+
+
+def position_confidence(probability: torch.Tensor, masked: torch.Tensor, decay: float) -> torch.Tensor:
+    """``probability * decay ** d``, d the distance (in positions) from the row's leftmost masked position."""
+    positions = torch.arange(masked.shape[1], device=masked.device)
+    distance = (positions[None, :] - _leftmost_masked(masked)[:, None]).clamp(min=0)
+    return probability * decay ** distance.to(probability.dtype)
+
+
+def commit_rule(probability: torch.Tensor, masked: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
+    """Bool [B, L]: the masked positions one denoising pass commits (docs/design.md §4.4), given each
+    position's probability of its chosen token and what is still masked. Candidates are the masked positions
+    of the leftmost unfinished sub-block; a row with any commits the most confident one and every one whose
+    confidence is >= threshold. Confidence: the probability, or with ``confidence="position"``
+    :func:`position_confidence`. This is the one place that decides commits (the seam for a learned sampler)."""
+    candidates = masked & commit_window(masked, settings.sub_block_length)
+    confidence = probability
+    if settings.confidence == "position":
+        confidence = position_confidence(probability, masked, settings.position_decay)
+    confidence = confidence.masked_fill(~candidates, -1.0)
+    pick = (confidence >= settings.threshold) & candidates
+    open_rows = candidates.any(1)
     best = confidence.argmax(1)
     pick[open_rows, best[open_rows]] = True
+    return pick
+
+
+def _denoise_step(logits: torch.Tensor, block: torch.Tensor, committed: torch.Tensor,
+                  settings: DecodeSettings) -> None:
+    """Fill the positions that :func:`commit_rule` picks with their chosen tokens."""
+    tokens, probability = choose_tokens(logits, settings.temperature)
+    pick = commit_rule(probability, ~committed, settings)
     block[pick] = tokens[pick]
     committed |= pick
 

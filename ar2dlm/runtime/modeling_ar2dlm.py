@@ -36,7 +36,15 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from .decoding_ar2dlm import DecodeSettings, DecodeStats, ar_decode, diffusion_decode, linear_spec_decode
+from .decoding_ar2dlm import (
+    CONFIDENCES,
+    DEFAULT_POSITION_DECAY,
+    DecodeSettings,
+    DecodeStats,
+    ar_decode,
+    diffusion_decode,
+    linear_spec_decode,
+)
 
 DEFAULT_THRESHOLD = 0.9
 SERVED_CLEAN_PATTERN = "causal"  # the clean stream a causal prefix cache reproduces (config.clean_pattern)
@@ -57,9 +65,15 @@ class TriModeMixin:
         return _result(*ar_decode(self, input_ids, attention_mask, settings), return_stats)
 
     def generate(self, input_ids=None, max_new_tokens=None, block_length=None, threshold=None, temperature=None,
-                 eos_token_id=None, attention_mask=None, return_stats=False, **hf_kwargs):
+                 eos_token_id=None, attention_mask=None, return_stats=False, sub_block_length=None,
+                 confidence=None, position_decay=None, **hf_kwargs):
         """Block-diffusion decoding (docs/design.md §4.4) when called with NLD's arguments only; defaults:
         ``config.block_size``, ``config.diffusion_threshold`` (0.9), temperature 0.
+
+        Decoding levers (§4.4): ``sub_block_length`` commits only inside the leftmost unfinished sub-block of
+        that many positions (None: the whole block); ``confidence`` ranks masked positions by ``"probability"``
+        (default) or ``"position"``: the probability times ``position_decay`` (default 0.9) to the power of the
+        distance from the leftmost masked position.
 
         A call in HF's style (any other argument, e.g. ``do_sample``, ``generation_config``, ``max_length``,
         ``num_beams``, ``streamer``; or no ``max_new_tokens``) runs HF's ``GenerationMixin.generate`` and
@@ -71,16 +85,18 @@ class TriModeMixin:
             if return_stats:
                 raise ValueError("return_stats applies to diffusion decoding, not to a call in HF's style")
             named = dict(max_new_tokens=max_new_tokens, block_length=block_length, threshold=threshold,
-                         temperature=temperature, eos_token_id=eos_token_id, attention_mask=attention_mask)
+                         temperature=temperature, eos_token_id=eos_token_id, attention_mask=attention_mask,
+                         sub_block_length=sub_block_length, confidence=confidence, position_decay=position_decay)
             return self.hf_generate(input_ids, **{k: v for k, v in named.items() if v is not None}, **hf_kwargs)
+        levers = _diffusion_levers(sub_block_length, confidence, position_decay)
         sequences, stats = self._diffusion_generate(input_ids, max_new_tokens, block_length, threshold,
                                                     0.0 if temperature is None else temperature, eos_token_id,
-                                                    attention_mask)
+                                                    attention_mask, levers)
         return _result(sequences, stats, return_stats)
 
     @torch.no_grad()
     def _diffusion_generate(self, input_ids, max_new_tokens, block_length, threshold, temperature, eos_token_id,
-                            attention_mask) -> tuple[torch.Tensor, DecodeStats]:
+                            attention_mask, levers) -> tuple[torch.Tensor, DecodeStats]:
         block_length = self._default_block_length(block_length)
         if threshold is None:
             threshold = getattr(self.config, "diffusion_threshold", DEFAULT_THRESHOLD)
@@ -89,7 +105,7 @@ class TriModeMixin:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
         input_ids, attention_mask, settings = self._prepare(
             input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=True,
-            block_length=block_length, threshold=float(threshold))
+            block_length=block_length, threshold=float(threshold), **levers)
         return diffusion_decode(self, input_ids, attention_mask, settings)
 
     @torch.no_grad()
@@ -168,6 +184,20 @@ def _check_clean_pattern(config) -> None:
         raise ValueError(f"this model was trained with the clean-stream pattern {pattern!r} (config.clean_pattern): "
                          f"diffusion and self-speculation decode over a {SERVED_CLEAN_PATTERN!r} prefix cache, which "
                          f"it was not trained to read; only ar_generate serves it")
+
+
+def _diffusion_levers(sub_block_length, confidence, position_decay) -> dict:
+    """The checked decoding levers of ``generate`` as DecodeSettings fields (None: the default)."""
+    if sub_block_length is not None and (isinstance(sub_block_length, bool) or not isinstance(sub_block_length, int)
+                                         or sub_block_length < 1):
+        raise ValueError(f"sub_block_length must be None or an integer >= 1, got {sub_block_length!r}")
+    confidence = CONFIDENCES[0] if confidence is None else confidence
+    if confidence not in CONFIDENCES:
+        raise ValueError(f"confidence must be one of {', '.join(CONFIDENCES)}, got {confidence!r}")
+    position_decay = DEFAULT_POSITION_DECAY if position_decay is None else position_decay
+    if isinstance(position_decay, bool) or not isinstance(position_decay, (int, float)) or not 0 < position_decay <= 1:
+        raise ValueError(f"position_decay must be in (0, 1], got {position_decay!r}")
+    return dict(sub_block_length=sub_block_length, confidence=confidence, position_decay=float(position_decay))
 
 
 def _check_block_length(block_length) -> None:

@@ -101,6 +101,9 @@ def test_recipe_for_another_stage_is_explained():
         ("generate", ["mode=beam"], "mode='beam' is not one of"),
         ("convert", ["mask_token_id=-3"], "mask_token_id=-3 must be >= 0"),
         ("eval", ["modes=[ar,beam]"], "modes: 'beam' is not one of"),
+        ("generate", ["sub_block_length=0"], "sub_block_length=0 must be >= 1"),
+        ("eval", ["confidence=entropy"], "confidence='entropy' is not one of: probability, position"),
+        ("eval", ["position_decay=0"], "position_decay=0.0 must be in (0, 1]"),
     ],
 )
 def test_other_stages_validate_values(stage, overrides, message):

@@ -20,6 +20,7 @@ import torch
 
 from ar2dlm.cli import main
 from ar2dlm.errors import UserError
+from ar2dlm.eval.intervals import wilson_interval
 from ar2dlm.generation.modes import MODES
 
 ADAPTER = "ar2dlm.eval.lm_eval_adapter"
@@ -196,6 +197,9 @@ def test_harness_tasks_alone_and_the_printed_table(known, task_folder, tmp_path,
     assert report["results"] == [] and report["perplexity"] is None and len(report["lm_eval"]) == 1
     assert "| toy_choice | loglikelihood |" in (output / "report.md").read_text()
     assert not (output / "accuracy_vs_tpf.png").exists()
+    samples, acc = report["lm_eval"][0]["samples"], report["lm_eval"][0]["metrics"]["acc,none"]
+    low, high = wilson_interval(round(acc * samples), samples)  # accuracies carry samples and a 95% interval
+    assert f"| acc | {acc:.4f} |" in printed[2] and printed[2].endswith(f"| {samples} | [{low:.4f}, {high:.4f}] |")
 
 
 def test_a_group_holding_a_generation_task_runs_whole_in_each_setting(known, task_folder, tmp_path):

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from ar2dlm.eval.generation import cut_at_stop
+from ar2dlm.eval.intervals import wilson_interval
 from ar2dlm.eval.metrics import (
     ExampleResult,
     acceptance_length,
@@ -69,6 +70,10 @@ def test_summarize_aggregates_rows():
     result = summarize("self_spec", 4, None, rows, seconds=2.0, batch_forwards=9)
     assert result.accuracy == pytest.approx(2 / 3)
     assert result.task_accuracy == {"copy": 0.5, "add": 1.0}
+    assert result.correct == 2 and result.task_counts == {"copy": (1, 2), "add": (1, 1)}
+    assert result.accuracy_interval == pytest.approx(wilson_interval(2, 3))
+    assert result.task_interval == {"copy": wilson_interval(1, 2), "add": wilson_interval(1, 1)}
+    assert result.summary()["accuracy_interval"] == result.accuracy_interval
     assert (result.new_tokens, result.nfe) == (16, 11)
     assert result.tokens_per_forward == pytest.approx(16 / 11)
     assert result.nfe_per_example == pytest.approx(11 / 3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ar2dlm.eval.report import TABLE_COLUMNS, markdown_table, write_report
+from ar2dlm.eval.report import TABLE_COLUMNS, harness_table, markdown_table, write_report
 
 
 def result(mode, block=None, threshold=None, accuracy=0.5, tpf=1.0, acceptance=None):
@@ -27,9 +27,27 @@ def sample_report():
 def test_markdown_table():
     lines = markdown_table(sample_report()["results"]).splitlines()
     assert lines[0] == "| " + " | ".join(TABLE_COLUMNS) + " |"
-    assert lines[2] == "| ar | - | - | 0.500 | 1.00 | - | 20.0 | 10.0 |"
-    assert lines[6] == "| self_spec | 4 | - | 0.500 | 1.60 | 2.25 | 20.0 | 6.2 |"
+    # 2/4 correct: Wilson 95% [0.150, 0.850]; 1/4: [0.046, 0.699]
+    assert lines[2] == "| ar | - | - | 4 | 0.500 | [0.150, 0.850] | 1.00 | - | 20.0 | 10.0 |"
+    assert lines[3] == "| diffusion | 4 | 0.50 | 4 | 0.250 | [0.046, 0.699] | 2.50 | - | 20.0 | 4.0 |"
+    assert lines[6] == "| self_spec | 4 | - | 4 | 0.500 | [0.150, 0.850] | 1.60 | 2.25 | 20.0 | 6.2 |"
     assert len(lines) == 2 + 5
+
+
+def test_table_uses_the_recorded_interval_and_count():
+    recorded = {**result("ar", accuracy=0.6), "examples": 5, "accuracy_interval": [0.2307, 0.8824]}
+    assert markdown_table([recorded]).splitlines()[2].startswith("| ar | - | - | 5 | 0.600 | [0.231, 0.882] |")
+
+
+def test_harness_table_intervals_for_accuracies_only():
+    rows = [{"task": "toy", "mode": "ar", "block_length": None, "threshold": None, "samples": 3,
+             "metrics": {"exact_match,none": 0.0, "exact_match_stderr,none": 0.0, "bleu,none": 12.5}},
+            {"task": "group", "mode": None, "block_length": None, "threshold": None, "samples": None,
+             "metrics": {"acc,none": 0.5}}]
+    lines = harness_table(rows).splitlines()
+    assert lines[2] == "| toy | ar | - | - | exact_match | 0.0000 | 0.0000 | 3 | [0.0000, 0.5615] |"
+    assert lines[3] == "| toy | ar | - | - | bleu | 12.5000 | - | 3 | - |"
+    assert lines[4] == "| group | loglikelihood | - | - | acc | 0.5000 | - | - | - |"
 
 
 def test_write_report(tmp_path):

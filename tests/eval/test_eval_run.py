@@ -88,6 +88,20 @@ def test_settings_from_config():
         settings_from_config(OmegaConf.merge(cfg, {"modes": []}))
 
 
+def test_the_diffusion_levers_reach_every_diffusion_setting():
+    from omegaconf import OmegaConf
+
+    from ar2dlm.config.schema import EvalStage
+    from ar2dlm.eval.run import sweep_configs
+
+    cfg = OmegaConf.structured(EvalStage(model="m", output="o", thresholds=[0.5, 0.9], sub_block_length=4,
+                                         confidence="position", position_decay=0.8))
+    levers = {"sub_block_length": 4, "confidence": "position", "position_decay": 0.8}
+    configs = sweep_configs(settings_from_config(cfg))
+    assert [c.levers() for c in configs if c.mode == "diffusion"] == [levers, levers]
+    assert all(c.sub_block_length is None for c in configs if c.mode != "diffusion")
+
+
 def test_decode_alone_is_off_unless_asked_and_the_report_says_what_nfe_is():
     from omegaconf import OmegaConf
 

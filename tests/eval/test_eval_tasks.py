@@ -8,7 +8,14 @@ import pytest
 
 from ar2dlm.data.synthetic import split_corpus
 from ar2dlm.errors import UserError
-from ar2dlm.eval.tasks import DEMO_TRAIN_EXAMPLES, load_task, load_tasks, load_texts, parse_demo_options
+from ar2dlm.eval.tasks import (
+    DEMO_EVAL_EXAMPLES,
+    DEMO_TRAIN_EXAMPLES,
+    load_task,
+    load_tasks,
+    load_texts,
+    parse_demo_options,
+)
 
 
 def test_demo_is_the_held_out_split():
@@ -20,7 +27,7 @@ def test_demo_is_the_held_out_split():
 
 
 def test_demo_options_limit_and_prefix_stability():
-    assert parse_demo_options("", seed=3) == {"n": 100, "train": DEMO_TRAIN_EXAMPLES, "seed": 3}
+    assert parse_demo_options("", seed=3) == {"n": DEMO_EVAL_EXAMPLES, "train": DEMO_TRAIN_EXAMPLES, "seed": 3}
     assert parse_demo_options("n=5,train=10,seed=1", seed=3) == {"n": 5, "train": 10, "seed": 1}
     five = load_task("demo:n=5,train=50,seed=1", seed=3)
     assert five == split_corpus(50, 5, 1)[1]
@@ -38,6 +45,21 @@ def test_demo_default_holds_out_against_what_the_demo_recipe_trains_on():
     # 3000 prompts: held out against 2,000 training examples only, five of them are among the demo's 20,000
     held_out = load_task("demo:3000", seed=demo.seed)
     assert len(held_out) == 3000 and not [e.prompt for e in held_out if e.prompt in seen]
+
+
+def test_demo_recipe_evaluates_at_least_500_unseen_prompts_and_eval_defaults_to_them():
+    from ar2dlm.config import compose_stage
+
+    demo = compose_stage("run", ["recipe=demo"], require_complete=False)
+    assert demo.demo.eval_examples >= 500 and demo.demo.eval_examples == DEMO_EVAL_EXAMPLES
+    assert demo.demo.train_examples == DEMO_TRAIN_EXAMPLES
+    train, held_out = split_corpus(demo.demo.train_examples, demo.demo.eval_examples, demo.seed)
+    prompts = [example.prompt for example in held_out]
+    assert len(prompts) == len(set(prompts)) == demo.demo.eval_examples
+    assert not set(prompts) & {example.prompt for example in train}
+    assert load_task("demo", seed=demo.seed) == held_out  # `ar2dlm eval tasks=[demo]` scores the run's prompts
+    assert {example.task for example in held_out} == {"copy", "reverse", "sort", "add", "recall"}
+    assert held_out[:100] == split_corpus(demo.demo.train_examples, 100, demo.seed)[1]  # the old 100 come first
 
 
 def test_jsonl_task(tmp_path):
