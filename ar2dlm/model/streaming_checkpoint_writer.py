@@ -1,4 +1,4 @@
-"""A ``torch_dist`` checkpoint writer that holds at most one staged tensor at a time (used by `convert`).
+"""A ``torch_dist`` checkpoint writer that holds at most one staged tensor at a time (every ar2dlm save).
 
 megatron-core's writer is built for asynchronous saves: it stages every tensor before it forks a writer
 process, and stages a tensor that is a view into a larger storage as a copy (a SwiGLU ``linear_fc1`` is

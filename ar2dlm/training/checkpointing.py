@@ -28,8 +28,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ar2dlm.errors import UserError
 from ar2dlm.fs import fsync_directory, fsync_tree, is_no_space_error, tree_size
 from ar2dlm.log import logger
-from ar2dlm.model.checkpoint import HF_DIR, WEIGHTS_DIR, CheckpointMetadata, read_metadata, write_metadata
-from ar2dlm.model.checkpoint_writer import use_in_process_result_queue
+from ar2dlm.model.checkpoint import (
+    HF_DIR,
+    WEIGHTS_DIR,
+    CheckpointMetadata,
+    read_metadata,
+    save_strategy,
+    write_metadata,
+)
 from ar2dlm.model.manifest import DamagedCheckpointError, verify_manifest, write_manifest
 from ar2dlm.model.safe_pickle import check_distributed_checkpoint
 
@@ -163,7 +169,6 @@ def save_training_checkpoint(output: Path, step: int, model_chunks: list, optimi
     if final.exists():
         raise UserError(f"{final} exists already: another run may be writing to {output}")
     needed = _estimated_size(output, model_chunks, optimizer)
-    use_in_process_result_queue()
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         (staging / WEIGHTS_DIR).mkdir(parents=True)
@@ -173,7 +178,7 @@ def save_training_checkpoint(output: Path, step: int, model_chunks: list, optimi
         raise _no_space(final, needed)
     try:
         dist_checkpointing.save(_sharded_training_state(model_chunks, optimizer, is_loading=False),
-                                str(staging / WEIGHTS_DIR))
+                                str(staging / WEIGHTS_DIR), sharded_strategy=save_strategy())
         _barrier()
         if _rank() == 0:
             shutil.copytree(hf_source, staging / HF_DIR)

@@ -388,6 +388,8 @@ def test_a_real_job_stops_cleanly_on_sigterm_to_all_its_processes_and_leaves_not
                                                                                                   tmp_path):
     """SIGTERM to the whole process group (as Slurm sends it) used to kill megatron's checkpoint-writer
     manager process, so the stop save broke and the run exited 0; a kill -9 of the trainer left it behind."""
+    import time
+
     import psutil
 
     _, output = run_setup
@@ -402,8 +404,8 @@ def test_a_real_job_stops_cleanly_on_sigterm_to_all_its_processes_and_leaves_not
     process = _start_train(tmp_path, output, "resume=true")
     steps = len((output / "metrics.jsonl").read_text().splitlines())
     _wait_for_rows(process, output, steps + 3)
-    children = psutil.Process(process.pid).children(recursive=True)
     process.kill()
     process.wait()
-    gone, alive = psutil.wait_procs(children, timeout=10)
-    assert not alive, [p.cmdline()[:4] for p in alive]
+    time.sleep(2)  # anything the trainer started (a forked checkpoint writer, a manager) would still be there
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(output) in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"][:4] for p in left]
