@@ -114,11 +114,12 @@ def _sharded_state_dict(model_chunks: list) -> dict:
 
 
 def load_model(directory: str | Path, *, params_dtype: torch.dtype | None = None, seq_length: int | None = None,
-               configure=None, checksums: bool = True):
+               configure=None, checksums: bool = True, weights: bool = True):
     """Rebuild the Megatron model of a checkpoint and load its weights; returns (chunks, metadata, bridge).
 
     ``configure(provider)`` may set training options (parallel sizes, FP8, ...) before the model is built. The
     checkpoint's files are checked against its manifest first (sizes; and SHA-256 unless ``checksums=False``).
+    ``weights=False`` builds the model without loading its weights (a resume loads them with the optimizer).
     """
     from transformers import AutoConfig
 
@@ -135,5 +136,6 @@ def load_model(directory: str | Path, *, params_dtype: torch.dtype | None = None
     if configure is not None:
         configure(provider)
     chunks = build_model(provider)
-    load_weights(chunks, path / WEIGHTS_DIR)
+    if weights:
+        load_weights(chunks, path / WEIGHTS_DIR)
     return chunks, metadata, bridge

@@ -131,7 +131,8 @@ def all_ranks(condition: bool) -> bool:
 
 def parameters_are_finite(model_chunks: list) -> bool:
     """Whether every parameter on every rank is finite (collective)."""
-    return all_ranks(all(bool(torch.isfinite(p).all()) for chunk in model_chunks for p in chunk.parameters()))
+    checks = [torch.isfinite(p).all() for chunk in model_chunks for p in chunk.parameters()]
+    return all_ranks(bool(torch.stack(checks).all()) if checks else True)  # one device sync, not one per tensor
 
 
 def _estimated_size(output: Path, model_chunks: list, optimizer) -> int:

@@ -77,7 +77,8 @@ class Trainer:
         seq_length = cfg.data.seq_length
         self.model, _, _ = load_model(start_from, params_dtype=PRECISION_DTYPES[cfg.train.precision],
                                       seq_length=seq_length, configure=lambda p: configure_provider(p, cfg),
-                                      checksums=cfg.checkpoint.checksums and resume_from is None)
+                                      checksums=cfg.checkpoint.checksums and resume_from is None,
+                                      weights=resume_from is None)  # a resume loads them with the optimizer
         self.model = wrap_data_parallel(self.model, cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir, trust_remote_code=False)
         weights = objective_weights(cfg.train.objective, cfg.diffusion.dlm_loss_weight, cfg.diffusion.ar_loss_weight)
