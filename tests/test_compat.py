@@ -4,6 +4,13 @@ import sys
 import torch
 
 
+def _printed_words(script: str) -> list[str]:
+    """What ``script`` prints when run in a fresh interpreter (the patches under test are process-wide)."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split()
+
+
 def test_bridge_imports_without_leaving_stand_ins_behind():
     script = (
         "import sys, torch\n"
@@ -15,9 +22,7 @@ def test_bridge_imports_without_leaving_stand_ins_behind():
         "from megatron.core.models.gpt import gpt_layer_specs\n"
         "print(had_te, transformer_engine_available(), bool(left), gpt_layer_specs.HAVE_TE)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    had_te, has_te_after, left_behind, megatron_thinks_te = result.stdout.split()[-4:]
+    had_te, has_te_after, left_behind, megatron_thinks_te = _printed_words(script)[-4:]
     assert has_te_after == had_te  # the stand-in is gone once the bridge is imported
     if had_te == "False":
         assert left_behind == "False"
@@ -42,9 +47,7 @@ def test_only_process_start_patches_torch_cuda():
         "configure_torch_for_cpu()\n"
         "print(untouched, (patched is original) == cuda_available(), torch.cuda.current_device is patched)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split()[-3:] == ["True", "True", "True"]
+    assert _printed_words(script)[-3:] == ["True", "True", "True"]
 
 
 CUDA_QUERIES = ("current_device", "synchronize", "get_rng_state")
