@@ -10,10 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 from ar2dlm.eval.report import accuracy_interval, interval_cell, machine_info, now, plot_tradeoff
 
 
-def _lossless(rows: list[dict]) -> dict:
-    """Self-speculation against AR greedy, example by example (same prediction and token count)."""
+def _lossless(rows: list[dict], mode: str = "self_spec") -> dict:
+    """A self-speculation mode against AR greedy, example by example (same prediction and token count), over all
+    its settings."""
     ar = {r["prompt"]: (r["prediction"], r["new_tokens"]) for r in rows if r["mode"] == "ar"}
-    spec = [r for r in rows if r["mode"] == "self_spec"]
+    spec = [r for r in rows if r["mode"] == mode]
     same = sum(ar.get(r["prompt"]) == (r["prediction"], r["new_tokens"]) for r in spec)
     return {"identical": same, "examples": len(spec)}
 
@@ -21,6 +22,8 @@ def _lossless(rows: list[dict]) -> dict:
 def _line(model: str, result: dict, perplexity: float | None = None) -> dict:
     mode = result["mode"]
     setting = "" if mode == "ar" else f"B={result['block_length']}"
+    if mode == "quad_spec" and result.get("draft_length"):
+        setting += f" k={result['draft_length']}"
     if mode == "diffusion":
         setting += f" t={result['threshold']:g}"
     interval = accuracy_interval(result)
@@ -56,10 +59,12 @@ def write_run_report(output: Path, cfg: DictConfig, source: dict, model: dict, h
     lines = [_line("source", r, source_ppl) for r in source["results"]]
     lines += [_line("ar2dlm", r, model_ppl if r["mode"] == "ar" else None) for r in model["results"]]
     lossless = _lossless(model["rows"])
+    quad_lossless = _lossless(model["rows"], "quad_spec")
     plot = plot_tradeoff(model["results"], output / "accuracy_vs_tpf.png", title="ar2dlm demo: trained model")
     summary = {
         "date": now(), "machine": machine_info(), "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "total_seconds": round(sum(seconds.values()), 1), "table": lines, "self_spec_vs_ar": lossless,
+        "quad_spec_vs_ar": quad_lossless,
         "perplexity_ratio": (model_ppl / source_ppl) if model_ppl and source_ppl else None,
         "elbo": model.get("elbo"), "final_train_metrics": history[-1] if history else None,
         "config": OmegaConf.to_container(cfg), "plot": plot.name,
@@ -70,8 +75,9 @@ def write_run_report(output: Path, cfg: DictConfig, source: dict, model: dict, h
     ratio = f"{summary['perplexity_ratio']:.3f}" if summary["perplexity_ratio"] else "-"
     notes = ["accuracy: exact match over the held-out prompts, with its 95% Wilson score interval",
              f"stage wall times: {times} (total {summary['total_seconds']:.0f}s)",
-             f"self-speculation identical to AR greedy on {lossless['identical']}/{lossless['examples']} prompts; "
-             f"perplexity ratio trained/source {ratio}"]
+             f"self-speculation identical to AR greedy on {lossless['identical']}/{lossless['examples']} prompts"
+             + (f", quadratic on {quad_lossless['identical']}/{quad_lossless['examples']}"
+                if quad_lossless["examples"] else "") + f"; perplexity ratio trained/source {ratio}"]
     if any(result.get("nfe_basis") == "batch" for result in model["results"]):
         notes.append("diffusion / self-speculation NFE: that of each prompt's batch (an upper bound); "
                      "eval.decode_alone=true measures each prompt alone")

@@ -17,8 +17,10 @@ def test_shortened_demo_runs_every_stage_and_reports(tmp_path, megatron_ready, c
     assert list(report["stage_seconds"]) == list(STAGES)
     modes = [(line["model"], line["mode"], line["setting"]) for line in report["table"]]
     assert modes == [("source", "ar", ""), ("ar2dlm", "ar", ""), ("ar2dlm", "diffusion", "B=16 t=0.5"),
-                     ("ar2dlm", "diffusion", "B=16 t=0.9"), ("ar2dlm", "self_spec", "B=16")]
+                     ("ar2dlm", "diffusion", "B=16 t=0.9"), ("ar2dlm", "self_spec", "B=16"),
+                     ("ar2dlm", "quad_spec", "B=16")]
     assert report["self_spec_vs_ar"] == {"identical": 12, "examples": 12}  # lossless on every prompt
+    assert report["quad_spec_vs_ar"] == {"identical": 12, "examples": 12}
     assert all(line["tokens_per_forward"] > 0 for line in report["table"])
     for line in report["table"]:  # every accuracy carries its prompt count and 95% interval
         low, high = line["accuracy_interval"]

@@ -79,7 +79,8 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "checkpoint.keep_last": "checkpoints kept; older ones are deleted (integer >= 1)",
     "checkpoint.checksums": "SHA-256 of every checkpoint file, verified on resume (true | false: sizes only)",
     "model": "exported HF folder (made by `ar2dlm export`)",
-    "mode": "decoding: ar, diffusion (block_length, threshold), self_spec (lossless self-speculation)",
+    "mode": "decoding: ar, diffusion (block_length, threshold), self_spec (lossless self-speculation: a draft "
+            "and a verify pass per cycle), quad_spec (lossless, one forward per cycle; block_length, draft_length)",
     "prompt": "text to continue, taken exactly as typed (quotes, commas, ${...} included); or prompt_file",
     "prompt_file": "UTF-8 file holding the prompt, '-' for stdin (its final line break is dropped)",
     "max_new_tokens": "most tokens to generate per prompt (integer >= 1)",
@@ -90,6 +91,8 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "confidence": "diffusion: how masked positions are ranked: probability (of the chosen token) or position "
                   "(probability x position_decay ^ distance from the leftmost masked position)",
     "position_decay": "diffusion with confidence=position: discount per position (in (0, 1]; 1: none)",
+    "draft_length": "quad_spec: draft tokens per cycle, at most block_length - 1; its shared forward holds "
+                    "(k + 1)(k + 2) tokens (null: block_length - 1)",
     "temperature": "sampling temperature (0: greedy)",
     "device": "auto (cuda if available), cpu, cuda, cuda:N",
     "tasks": "evaluation tasks: demo, demo:N, 'demo:n=N,train=T,seed=S', jsonl:PATH (prompt, answer), "

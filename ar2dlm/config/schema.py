@@ -178,7 +178,7 @@ class ExportStage:
 @dataclass
 class GenerateStage:
     model: str = "???"
-    mode: str = "self_spec"  # ar | diffusion | self_spec
+    mode: str = "self_spec"  # ar | diffusion | self_spec | quad_spec
     prompt: str | None = None  # taken verbatim (see ar2dlm.config.compose.VERBATIM_KEYS); or prompt_file
     prompt_file: str | None = None  # a UTF-8 text file, "-" for stdin
     max_new_tokens: int = 64
@@ -187,6 +187,7 @@ class GenerateStage:
     sub_block_length: int | None = None  # diffusion commits in the leftmost unfinished sub-block; null: whole block
     confidence: str = "probability"  # probability | position
     position_decay: float = 0.9  # confidence=position: discount per position right of the leftmost mask
+    draft_length: int | None = None  # quad_spec: draft tokens per cycle; null: block_length - 1
     temperature: float = 0.0
     device: str = "auto"
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -204,6 +205,7 @@ class EvalStage:
     sub_block_length: int | None = None  # see GenerateStage
     confidence: str = "probability"  # see GenerateStage
     position_decay: float = 0.9  # see GenerateStage
+    draft_length: int | None = None  # see GenerateStage
     block_length: int = 32
     block_lengths: list[int] = field(default_factory=list)  # a block-length sweep; empty: [block_length]
     max_new_tokens: int = 64

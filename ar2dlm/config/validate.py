@@ -141,6 +141,7 @@ def _generate_rules(cfg: DictConfig) -> Iterator[str]:
         yield from _at_least(cfg, key, 1)
     yield from _between(cfg, "threshold", 0.0, 1.0)
     yield from _at_least(cfg, "sub_block_length", 1)
+    yield from _at_least(cfg, "draft_length", 1)
     decay = _get(cfg, "position_decay")
     if decay is not _ABSENT and decay is not None and not 0.0 < decay <= 1.0:
         yield f"position_decay={decay} must be in (0, 1]"

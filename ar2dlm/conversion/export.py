@@ -42,11 +42,12 @@ ids, mask = batch.input_ids, batch.attention_mask
 out, nfe = model.ar_generate(ids, max_new_tokens=64, attention_mask=mask)                  # autoregressive
 out, nfe = model.generate(ids, max_new_tokens=64, block_length={block_size}, threshold=0.9, attention_mask=mask)  # diffusion
 out, nfe = model.linear_spec_generate(ids, max_new_tokens=64, block_length={block_size}, attention_mask=mask)    # self-speculation (lossless)
+out, nfe = model.quadratic_spec_generate(ids, max_new_tokens=64, block_length={block_size}, attention_mask=mask) # one forward per cycle (lossless)
 print(tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True), "forward passes:", nfe)
 ```
 
 `forward` is the unchanged {architecture} forward, so perplexity tools and lm-eval work as usual.
-All three methods take left-padded batches with an `attention_mask` and return `(sequences, nfe)`.
+All four methods take left-padded batches with an `attention_mask` and return `(sequences, nfe)`.
 A call in Hugging Face's style (`model.generate(**batch, do_sample=False)`, `pipeline("text-generation")`)
 runs transformers' own `generate`.
 """

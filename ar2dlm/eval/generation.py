@@ -2,7 +2,7 @@
 
 Prompts are encoded as the demo trains (the tokenizer's own special tokens, no chat template), left-
 padded into batches with an ``attention_mask``, and decoded greedily (temperature 0) by
-``ar_generate`` / ``generate`` / ``linear_spec_generate``. Per-example NFE and cycles are those of
+``ar_generate`` / ``generate`` / ``linear_spec_generate`` / ``quadratic_spec_generate``. Per-example NFE and cycles are those of
 decoding the example alone (see :mod:`ar2dlm.eval.metrics`): taken from the stats the batched call
 returns where they can be (batch 1, or AR), otherwise, when asked (``decode_alone``), from a
 second pass that decodes each example alone; that pass also checks that batching did not change any
@@ -21,6 +21,7 @@ from ar2dlm.errors import UserError
 from ar2dlm.eval.metrics import (
     ExampleResult,
     ModeResult,
+    OffsetCounts,
     alone_costs,
     answer_from_text,
     batch_costs,
@@ -40,11 +41,12 @@ class DecodeConfig:
 
     mode: str
     max_new_tokens: int = 64
-    block_length: int | None = None  # diffusion and self_spec
+    block_length: int | None = None  # every mode but AR
     threshold: float | None = None  # diffusion
     sub_block_length: int | None = None  # diffusion's levers (docs/design.md §4.4); None: the runtime's default
     confidence: str | None = None
     position_decay: float | None = None
+    draft_length: int | None = None  # quad_spec; None: block_length - 1
 
     def levers(self) -> dict:
         """Diffusion's decoding levers as keyword arguments of ``decode``."""
@@ -58,6 +60,8 @@ class DecodeConfig:
             raise UserError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.mode != "ar" and (self.block_length is None or self.block_length < 1):
             raise UserError(f"mode {self.mode} needs block_length >= 1, got {self.block_length}")
+        if self.mode == "quad_spec" and self.block_length < 2:
+            raise UserError(f"mode quad_spec needs block_length >= 2 (a seed and a draft), got {self.block_length}")
         if self.mode == "diffusion" and (self.threshold is None or not 0.0 <= self.threshold <= 1.0):
             raise UserError(f"diffusion needs a threshold in [0, 1], got {self.threshold}")
 
@@ -110,7 +114,8 @@ def decode_batch(model, rows: Sequence[Sequence[int]], config: DecodeConfig, pad
     _synchronize(model)
     start = time.perf_counter()
     sequences, stats = decode(model, config.mode, input_ids, config.max_new_tokens, block_length=config.block_length,
-                              threshold=config.threshold, attention_mask=attention_mask, **config.levers())
+                              threshold=config.threshold, attention_mask=attention_mask,
+                              draft_length=config.draft_length, **config.levers())
     _synchronize(model)
     seconds = time.perf_counter() - start
     new = sequences[:, input_ids.shape[1]:].tolist()
@@ -122,14 +127,16 @@ def batches(items: Sequence, size: int) -> list[Sequence]:
     return [items[start:start + size] for start in range(0, len(items), size)]
 
 
-def decode_each_alone(model, rows: Sequence[Sequence[int]], config: DecodeConfig, pad_id: int
-                 ) -> tuple[list[list[int]], list[tuple[int, int]]]:
-    """Each prompt decoded alone: its new tokens and (NFE, cycles)."""
+def decode_each_alone(model, rows: Sequence[Sequence[int]], config: DecodeConfig, pad_id: int,
+                      offsets: OffsetCounts | None = None) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Each prompt decoded alone: its new tokens and (NFE, cycles); its draft acceptance added to ``offsets``."""
     outputs, costs = [], []
     for row in rows:
         decoded = decode_batch(model, [row], config, pad_id)
         outputs.append(decoded.new_ids[0])
         costs.extend(alone_costs(decoded.stats, config.mode))
+        if offsets is not None:
+            offsets.add(decoded.stats)
     return outputs, costs
 
 
@@ -149,19 +156,22 @@ def evaluate_setting(model, tokenizer, examples: Sequence, encoded: Sequence[Seq
     outputs: list[list[int]] = []
     costs: list[tuple[int, int] | None] = []
     seconds, batch_forwards, missing = 0.0, 0, []
+    offsets = OffsetCounts()
     for start, chunk in zip(range(0, len(encoded), batch_size), batches(encoded, batch_size), strict=True):
         decoded = decode_batch(model, chunk, config, pad_id)
         seconds += decoded.seconds
         batch_forwards += int(decoded.stats.nfe)
         outputs.extend(decoded.new_ids)
         row_costs = alone_costs(decoded.stats, config.mode)
+        if row_costs is not None or not decode_alone:
+            offsets.add(decoded.stats)
         if row_costs is None:
             missing.extend(range(start, start + len(chunk)))
             row_costs = [None] * len(chunk) if decode_alone else batch_costs(decoded.stats)
         costs.extend(row_costs)
     mismatches = 0
     if missing and decode_alone:
-        alone_outputs, alone = decode_each_alone(model, [encoded[i] for i in missing], config, pad_id)
+        alone_outputs, alone = decode_each_alone(model, [encoded[i] for i in missing], config, pad_id, offsets)
         for index, output, cost in zip(missing, alone_outputs, alone, strict=True):
             costs[index] = cost
             mismatches += output != outputs[index]
@@ -171,8 +181,11 @@ def evaluate_setting(model, tokenizer, examples: Sequence, encoded: Sequence[Seq
     eos = set(eos_token_ids(model))
     rows = [score_example(example, tokenizer, new_ids, cost, eos)
             for example, new_ids, cost in zip(examples, outputs, costs, strict=True)]
-    return summarize(config.mode, config.block_length, config.threshold, rows, seconds, batch_forwards,
-                     mismatches, nfe_basis="batch" if missing and not decode_alone else "alone")
+    result = summarize(config.mode, config.block_length, config.threshold, rows, seconds, batch_forwards,
+                       mismatches, nfe_basis="batch" if missing and not decode_alone else "alone",
+                       acceptance_by_offset=offsets.rates())
+    result.draft_length = config.draft_length
+    return result
 
 
 def score_example(example, tokenizer, new_ids: list[int], cost: tuple[int, int], eos: set[int]

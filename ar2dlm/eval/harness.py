@@ -145,6 +145,6 @@ def evaluate_harness(model, tokenizer, tasks: Sequence[HarnessTask], configs: Se
     for config in configs if generating else ():
         logger.info("lm-eval: %s in %s block=%s threshold=%s", ", ".join(task.name for task in generating),
                     config.mode, config.block_length, config.threshold)
-        lm.decode_with(config.mode, config.block_length, config.threshold)
+        lm.decode_with(config.mode, config.block_length, config.threshold, config.draft_length)
         rows += _rows(_run(lm, generating, manager, limit), config)
     return rows

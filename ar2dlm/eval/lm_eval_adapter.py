@@ -9,7 +9,8 @@ register the model by running lm-eval through this module (same arguments as ``l
 
 or, from Python, ``import ar2dlm.eval.lm_eval_adapter`` before ``lm_eval.simple_evaluate(model="ar2dlm", ...)``,
 or ``ar2dlm eval tasks=[lm_eval:TASK]`` (:mod:`ar2dlm.eval.harness`).
-``model_args``: pretrained (an ar2dlm export), mode (ar | diffusion | self_spec; default self_spec),
+``model_args``: pretrained (an ar2dlm export), mode (ar | diffusion | self_spec | quad_spec; default self_spec),
+draft_length (quad_spec; default block_length - 1),
 block_length and threshold (default: the export's config), max_gen_toks (256; a task's own ``max_gen_toks``
 wins), batch_size (1), device (auto; lm-eval's ``--device``, default cuda:0, when not in model_args).
 Generation is greedy (temperature 0); sampling arguments are ignored with a warning.
@@ -47,7 +48,8 @@ class Ar2dlmLM(LM):
     """lm-eval wrapper around an exported ar2dlm checkpoint."""
 
     def __init__(self, pretrained: str, mode: str = "self_spec", block_length=None, threshold=None,
-                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, batch_size=1, device: str = "auto", **unused) -> None:
+                 max_gen_toks=DEFAULT_MAX_GEN_TOKS, batch_size=1, device: str = "auto", draft_length=None,
+                 **unused) -> None:
         super().__init__()
         from ar2dlm.generation.loading import check_export, load_export, resolve_device
 
@@ -59,7 +61,8 @@ class Ar2dlmLM(LM):
         tokenizer, model = load_export(Path(pretrained).expanduser(), resolve_device(str(device)))
         self._attach(model, tokenizer, max_gen_toks, batch_size)
         self.decode_with(mode, _as_int(block_length or config.get("block_size", 32), "block_length"),
-                         float(threshold if threshold is not None else config.get("diffusion_threshold", 0.9)))
+                         float(threshold if threshold is not None else config.get("diffusion_threshold", 0.9)),
+                         None if draft_length is None else _as_int(draft_length, "draft_length"))
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> Ar2dlmLM:
@@ -92,10 +95,12 @@ class Ar2dlmLM(LM):
         self.batch_size = max(1, _as_int(batch_size if batch_size != "auto" else 1, "batch_size"))
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 4096) or 4096)
 
-    def decode_with(self, mode: str, block_length: int | None = None, threshold: float | None = None) -> None:
+    def decode_with(self, mode: str, block_length: int | None = None, threshold: float | None = None,
+                    draft_length: int | None = None) -> None:
         """Decoding of ``generate_until`` requests from now on (loglikelihoods always use the AR forward)."""
         self.decoding = DecodeConfig(mode, self.max_gen_toks, None if mode == "ar" else block_length,
-                                     threshold if mode == "diffusion" else None)
+                                     threshold if mode == "diffusion" else None,
+                                     draft_length=draft_length if mode == "quad_spec" else None)
 
     def _decode_config(self, max_new_tokens: int) -> DecodeConfig:
         return replace(self.decoding, max_new_tokens=max_new_tokens)

@@ -11,7 +11,10 @@ Definitions (every one is independent of the evaluation batch size):
   it their NFE and cycles are the batch's (:func:`batch_costs`, an upper bound; ``nfe_basis`` "batch").
 - **tokens per forward (TPF)**: sum of generated tokens / sum of per-example NFE over the examples
   (AR is exactly 1).
-- **acceptance length** (self-speculation): tokens committed per verify cycle = accepted draft tokens
+- **acceptance by draft offset** (self-speculation): of the cycles that verified a draft token at offset j
+  (1 = the first after the seed), the share that accepted it; counted where the NFE is (decoded alone when
+  ``decode_alone``; else the batched calls, whose drafts near the end are as wide as the batch's longest row needs).
+- **acceptance length** (self-speculation, both modes): tokens committed per verify cycle = accepted draft tokens
   + the verifier's own next token, counting only tokens up to EOS / ``max_new_tokens``. An example
   decoded alone gets 1 token from the prefill and the rest from its cycles, so its committed tokens are
   ``new_tokens - 1`` over ``cycles`` verify cycles; the mean is sum(new_tokens - 1) / sum(cycles).
@@ -29,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from ar2dlm.eval.intervals import wilson_interval
+from ar2dlm.generation.modes import SPECULATIVE_MODES
 
 
 @dataclass
@@ -69,6 +73,8 @@ class ModeResult:
     accuracy_interval: tuple[float, float] = (0.0, 1.0)  # 95% Wilson score interval of correct / examples
     task_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # task -> (correct, examples)
     task_interval: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> 95% Wilson interval
+    acceptance_by_offset: list[float] | None = None  # self-speculation: acceptance rate of draft offset 1, 2, ...
+    draft_length: int | None = None  # quad_spec's draft tokens per cycle (None: block_length - 1)
     rows: list[ExampleResult] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -76,6 +82,26 @@ class ModeResult:
         data = asdict(self)
         data.pop("rows")
         return data
+
+
+@dataclass
+class OffsetCounts:
+    """Draft tokens verified and accepted at each offset, summed over decoding calls (``DecodeStats``)."""
+
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    def add(self, stats) -> None:
+        drafted, accepted = getattr(stats, "drafted_by_offset", ()), getattr(stats, "accepted_by_offset", ())
+        for totals, counts in ((self.drafted, drafted), (self.accepted, accepted)):
+            totals.extend([0] * (len(counts) - len(totals)))
+            for offset, count in enumerate(counts):
+                totals[offset] += int(count)
+
+    def rates(self) -> list[float] | None:
+        """Accepted / drafted per offset, up to the last offset ever drafted; None when nothing was drafted."""
+        rates = [a / d for a, d in zip(self.accepted, self.drafted, strict=True) if d > 0]
+        return rates or None
 
 
 def answer_from_text(text: str) -> str:
@@ -139,8 +165,8 @@ def task_accuracy(rows: Sequence[ExampleResult]) -> dict[str, float]:
 
 
 def summarize(mode: str, block_length: int | None, threshold: float | None, rows: list[ExampleResult],
-              seconds: float, batch_forwards: int, batch_mismatches: int = 0, nfe_basis: str = "alone"
-              ) -> ModeResult:
+              seconds: float, batch_forwards: int, batch_mismatches: int = 0, nfe_basis: str = "alone",
+              acceptance_by_offset: list[float] | None = None) -> ModeResult:
     """Aggregate the per-example results of one setting."""
     count = len(rows)
     correct = sum(row.correct for row in rows)
@@ -148,7 +174,7 @@ def summarize(mode: str, block_length: int | None, threshold: float | None, rows
     tokens = sum(row.new_tokens for row in rows)
     nfe = sum(row.nfe for row in rows)
     acceptance = None
-    if mode == "self_spec":
+    if mode in SPECULATIVE_MODES:
         acceptance = acceptance_length([r.new_tokens for r in rows], [r.cycles for r in rows])
     return ModeResult(
         mode=mode, block_length=block_length, threshold=threshold, examples=count,
@@ -159,5 +185,6 @@ def summarize(mode: str, block_length: int | None, threshold: float | None, rows
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         batch_forwards=batch_forwards, batch_mismatches=batch_mismatches, nfe_basis=nfe_basis,
         correct=correct, accuracy_interval=wilson_interval(correct, count), task_counts=per_task,
-        task_interval={task: wilson_interval(hits, n) for task, (hits, n) in per_task.items()}, rows=rows,
+        task_interval={task: wilson_interval(hits, n) for task, (hits, n) in per_task.items()},
+        acceptance_by_offset=acceptance_by_offset, rows=rows,
     )

@@ -18,7 +18,7 @@ TABLE_COLUMNS = ("mode", "block", "threshold", "prompts", "accuracy", "95% inter
 HARNESS_COLUMNS = ("lm-eval task", "mode", "block", "threshold", "metric", "value", "stderr", "samples",
                    "95% interval")
 ACCURACY_METRICS = ("acc", "acc_norm", "exact_match")  # lm-eval metrics that are a proportion of samples
-MODE_MARKERS = {"ar": "s", "diffusion": "o", "self_spec": "^"}
+MODE_MARKERS = {"ar": "s", "diffusion": "o", "self_spec": "^", "quad_spec": "D"}
 
 
 def machine_info(device: torch.device | str | None = None) -> dict:
@@ -130,6 +130,16 @@ def _likelihood_lines(report: dict) -> list[str]:
     return lines
 
 
+def _offset_lines(results: list[dict]) -> list[str]:
+    """Per self-speculation setting, how often the draft token at each offset was accepted."""
+    lines = [f"- {r['mode']} B={r['block_length']}: " + " ".join(f"{rate:.2f}" for rate in r["acceptance_by_offset"])
+             for r in results if r.get("acceptance_by_offset")]
+    if not lines:
+        return []
+    return ["acceptance by draft offset (1, 2, ...: the share of verified draft tokens at that offset accepted):",
+            *lines, ""]
+
+
 def render_markdown(report: dict) -> str:
     """Settings next to the numbers, then the likelihoods and the tables."""
     settings = report["settings"]
@@ -144,6 +154,7 @@ def render_markdown(report: dict) -> str:
                   "NFE: forward passes per example decoded alone; tokens/forward = generated tokens (EOS included)"
                   " / NFE; acceptance: tokens committed per self-speculation verify cycle; tokens/s: batched"
                   " wall-clock throughput.", ""]
+        lines += _offset_lines(report["results"])
     batched = sorted({r["mode"] for r in report["results"] if r.get("nfe_basis") == "batch"})
     if batched:
         lines += [f"{' and '.join(batched)}: each example is charged the NFE and cycles of the batch of "

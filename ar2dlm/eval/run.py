@@ -2,7 +2,7 @@
 
 Quality and speed of every decoding mode of an exported model: exact-match accuracy, NFE, tokens per
 forward, self-speculation acceptance length and tokens/s for each setting of a sweep (AR once; diffusion
-per block length and threshold; self-speculation per block length), plus the AR perplexity and the
+per block length and threshold; both self-speculation modes per block length), plus the AR perplexity and the
 diffusion negative ELBO of held-out texts. Writes report.json, report.md, predictions.jsonl and
 accuracy_vs_tpf.png into ``output`` and prints the table last. Metric definitions: :mod:`ar2dlm.eval.metrics`.
 lm-evaluation-harness tasks (``tasks=[lm_eval:NAME]``) run after them: :mod:`ar2dlm.eval.harness`.
@@ -51,6 +51,7 @@ class EvalSettings:
     warmup: bool = True  # one short untimed decoding call before each setting
     decode_alone: bool = False  # see ar2dlm.eval.generation.evaluate_setting
     levers: dict = field(default_factory=dict)  # diffusion's sub_block_length, confidence, position_decay
+    draft_length: int | None = None  # quad_spec; None: each block length - 1
     extra: dict = field(default_factory=dict)  # recorded in the report's settings as given
 
     def check(self) -> None:
@@ -70,8 +71,8 @@ class EvalSettings:
 
 
 def sweep_configs(settings: EvalSettings) -> list[DecodeConfig]:
-    """The settings of the sweep: AR once, then per block length diffusion at each threshold and
-    self-speculation."""
+    """The settings of the sweep: AR once, then per block length diffusion at each threshold and both
+    self-speculation modes (quad_spec's ``draft_length`` capped at the block length - 1)."""
     configs = []
     if "ar" in settings.modes:
         configs.append(DecodeConfig("ar", settings.max_new_tokens))
@@ -81,6 +82,9 @@ def sweep_configs(settings: EvalSettings) -> list[DecodeConfig]:
                         for t in settings.thresholds]
         if "self_spec" in settings.modes:
             configs.append(DecodeConfig("self_spec", settings.max_new_tokens, block))
+        if "quad_spec" in settings.modes:
+            draft = None if settings.draft_length is None else min(settings.draft_length, block - 1)
+            configs.append(DecodeConfig("quad_spec", settings.max_new_tokens, block, draft_length=draft))
     return configs
 
 
@@ -138,7 +142,7 @@ def report_settings(model, examples: Sequence, settings: EvalSettings) -> dict:
         "model": str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")),
         **settings.extra, "examples": len(examples), "task_examples": tasks, "modes": list(settings.modes),
         "block_lengths": list(settings.block_lengths), "thresholds": list(settings.thresholds), **settings.levers,
-        "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, "seed": settings.seed,
+        "draft_length": settings.draft_length, "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, "seed": settings.seed,
         "temperature": 0.0, "elbo_draws": settings.elbo_draws if settings.perplexity else 0,
         "decode_alone": settings.decode_alone,
         "dtype": str(model.dtype).replace("torch.", ""), "ar2dlm": __version__, "date": now(),
@@ -154,7 +158,7 @@ def settings_from_config(cfg: DictConfig) -> EvalSettings:
         block_lengths=tuple(int(b) for b in block_lengths), max_new_tokens=int(cfg.max_new_tokens),
         batch_size=int(cfg.batch_size), seed=int(cfg.get("seed", 1234)), perplexity=bool(cfg.get("perplexity", True)),
         elbo_draws=int(cfg.get("elbo_draws", 4)), decode_alone=bool(cfg.get("decode_alone", False)),
-        levers=diffusion_levers(cfg),
+        levers=diffusion_levers(cfg), draft_length=cfg.get("draft_length"),
         extra={"model": str(cfg.model), "tasks": list(cfg.tasks), "limit": cfg.limit,
                **({"lm_eval_include": cfg.lm_eval_include} if cfg.get("lm_eval_include") else {})},
     )

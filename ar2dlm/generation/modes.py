@@ -3,7 +3,8 @@ each one makes."""
 
 from __future__ import annotations
 
-MODES: tuple[str, ...] = ("ar", "diffusion", "self_spec")
+MODES: tuple[str, ...] = ("ar", "diffusion", "self_spec", "quad_spec")
+SPECULATIVE_MODES: tuple[str, ...] = ("self_spec", "quad_spec")  # lossless: the same tokens as AR
 LEVERS: tuple[str, ...] = ("sub_block_length", "confidence", "position_decay")  # diffusion's, docs/design.md §4.4
 
 
@@ -15,10 +16,11 @@ def diffusion_levers(cfg) -> dict:
 
 def decode(model, mode: str, input_ids, max_new_tokens: int, *, block_length: int | None = None,
            threshold: float | None = None, temperature: float = 0.0, attention_mask=None,
-           sub_block_length: int | None = None, confidence: str | None = None, position_decay: float | None = None):
-    """One runtime call in ``mode`` (``block_length`` for diffusion and self_spec; ``threshold``,
-    ``sub_block_length``, ``confidence`` and ``position_decay`` for diffusion, None: the runtime's default):
-    ``(sequences, stats)``, the runtime's ``DecodeStats`` of the call."""
+           sub_block_length: int | None = None, confidence: str | None = None, position_decay: float | None = None,
+           draft_length: int | None = None):
+    """One runtime call in ``mode`` (``block_length`` for every mode but AR; ``threshold``, ``sub_block_length``,
+    ``confidence`` and ``position_decay`` for diffusion; ``draft_length`` for quad_spec; None: the runtime's
+    default): ``(sequences, stats)``, the runtime's ``DecodeStats`` of the call."""
     if mode == "ar":
         return model.ar_generate(input_ids, max_new_tokens, temperature=temperature, attention_mask=attention_mask,
                                  return_stats=True)
@@ -30,4 +32,8 @@ def decode(model, mode: str, input_ids, max_new_tokens: int, *, block_length: in
     if mode == "self_spec":
         return model.linear_spec_generate(input_ids, max_new_tokens, block_length=block_length,
                                           temperature=temperature, attention_mask=attention_mask, return_stats=True)
+    if mode == "quad_spec":
+        return model.quadratic_spec_generate(input_ids, max_new_tokens, block_length=block_length,
+                                             draft_length=draft_length, temperature=temperature,
+                                             attention_mask=attention_mask, return_stats=True)
     raise ValueError(f"mode {mode!r} is not one of: {', '.join(MODES)}")

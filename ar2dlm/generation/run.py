@@ -1,4 +1,4 @@
-"""`ar2dlm generate model=HF_DIR mode=ar|diffusion|self_spec prompt="..."`: decode one prompt, print stats.
+"""`ar2dlm generate model=HF_DIR mode=ar|diffusion|self_spec|quad_spec prompt="..."`: decode one prompt, print stats.
 
 The prompt is encoded as given (no chat template). After the text comes one line:
 ``new tokens: N | NFE: F | tokens/forward: T | tokens/s: S``.
@@ -66,7 +66,8 @@ def encode_prompt(tokenizer, prompt: str, context: int | None, max_new_tokens: i
 
 def decode_prompt(model, tokenizer, ids: list[int], mode: str, max_new_tokens: int, block_length: int,
                   threshold: float, temperature: float, **levers) -> GenerationResult:
-    """Run one mode on one prompt and time it (``levers``: diffusion's, see :func:`diffusion_levers`)."""
+    """Run one mode on one prompt and time it (``levers``: diffusion's, see :func:`diffusion_levers`, and
+    quad_spec's ``draft_length``)."""
     input_ids = torch.tensor([ids], device=model.device)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -93,7 +94,7 @@ def run_generate(cfg: DictConfig) -> int:
     tokenizer, model = load_export(model_dir, device)
     ids = encode_prompt(tokenizer, prompt, config.get("max_position_embeddings"), cfg.max_new_tokens)
     result = decode_prompt(model, tokenizer, ids, cfg.mode, cfg.max_new_tokens, cfg.block_length, cfg.threshold,
-                           cfg.temperature, **diffusion_levers(cfg))
+                           cfg.temperature, draft_length=cfg.get("draft_length"), **diffusion_levers(cfg))
     print(result.text)
     print(result.stats_line())
     return 0

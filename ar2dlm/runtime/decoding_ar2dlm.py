@@ -1,6 +1,7 @@
-"""ar2dlm decoding algorithms: AR, block diffusion and linear self-speculation (torch + transformers only).
+"""ar2dlm decoding algorithms: the batch state, AR and block diffusion (torch + transformers only); the
+self-speculation modes are in ``speculation_ar2dlm``.
 
-All three run on left-padded batches through one :class:`KVState`, which owns the KV cache and, per
+All modes run on left-padded batches through one :class:`KVState`, which owns the KV cache and, per
 row, which cache slots are valid keys and the next position id. Positions that a row must not see
 (left padding, rejected speculative tokens) stay in the cache as invalid slots: "holes" that the
 custom 4D attention mask hides, so rows can accept different numbers of tokens per forward.
@@ -43,6 +44,8 @@ class DecodeStats:
     nfe: int = 0
     cycles: int = 0
     new_tokens: tuple[int, ...] = ()
+    drafted_by_offset: tuple[int, ...] = ()  # self-speculation: times the draft token at offset j + 1 was verified
+    accepted_by_offset: tuple[int, ...] = ()  # ... and accepted (open rows only)
 
 
 def allowed_keys(key_valid: torch.Tensor, num_queries: int, bidirectional_tail: int) -> torch.Tensor:
@@ -55,6 +58,28 @@ def allowed_keys(key_valid: torch.Tensor, num_queries: int, bidirectional_tail: 
     tail_start = num_keys - bidirectional_tail
     visible = (key_index <= query_index) | ((query_index >= tail_start) & (key_index >= tail_start))
     return (visible[None] & key_valid[:, None, :]) | (key_index == query_index)[None]
+
+
+def structured_keys(old_valid: torch.Tensor, new_valid: torch.Tensor, within: torch.Tensor, *,
+                    old_queries: bool) -> torch.Tensor:
+    """Bool [B, q, K] (or [B, K, K] with ``old_queries``, for a forward that recomputes the old tokens too):
+    new token i sees the valid old keys and the valid new tokens j with ``within[i, j]``; old tokens see
+    earlier valid old tokens. A token always sees itself."""
+    batch, num_old = old_valid.shape
+    num_new = within.shape[0]
+    seen_new = within[None] & new_valid[:, None, :]
+    new_rows = torch.cat([old_valid[:, None, :].expand(batch, num_new, num_old), seen_new], 2)
+    new_rows[:, torch.arange(num_new), torch.arange(num_old, num_old + num_new)] = True
+    if not old_queries:
+        return new_rows
+    old_rows = torch.cat([allowed_keys(old_valid, num_old, 0),
+                          old_valid.new_zeros(batch, num_old, num_new)], 2)
+    return torch.cat([old_rows, new_rows], 1)
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on final hidden states (any leading shape): the logits the family's ``forward`` gives."""
+    return model.get_output_embeddings()(hidden)
 
 
 def model_attention_mask(model, allowed: torch.Tensor, key_pos: torch.Tensor, dtype: torch.dtype):
@@ -132,6 +157,32 @@ class KVState:
             self.cache.crop(old_length)
         return output.logits
 
+    def forward_structured(self, tokens: torch.Tensor, new_pos: torch.Tensor, within: torch.Tensor, *,
+                           keep: int, new_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the decoder on ``tokens`` [B, q] at positions ``new_pos`` [B, q], where new token i sees every
+        valid key kept so far and the new tokens j with ``within[i, j]`` (bool [q, q], one rule for all rows);
+        return the final hidden states [B, q, H] (:func:`head_logits` turns rows of them into logits).
+        The first ``keep`` tokens are appended to the state; the K/V of the rest is dropped afterwards."""
+        if new_valid is None:
+            new_valid = torch.ones_like(tokens, dtype=torch.bool)
+        old_length, num_new = self.length, tokens.shape[1]
+        key_pos = torch.cat([self.pos, new_pos], 1)
+        allowed = structured_keys(self.valid, new_valid, within, old_queries=not self.use_cache)
+        if self.use_cache:
+            inputs, positions = tokens, new_pos
+        else:
+            inputs, positions = torch.cat([self.ids, tokens], 1), key_pos
+        mask = model_attention_mask(self.model, allowed, key_pos, self.model.dtype)
+        hidden = self.model.get_decoder()(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                                          past_key_values=self.cache, use_cache=self.use_cache).last_hidden_state
+        self.ids = torch.cat([self.ids, tokens[:, :keep]], 1)
+        self.valid = torch.cat([self.valid, new_valid[:, :keep]], 1)
+        self.pos = key_pos[:, : old_length + keep]
+        self.next_pos = self.next_pos + new_valid[:, :keep].sum(1)
+        if self.cache is not None and keep < num_new:
+            self.cache.crop(old_length + keep)
+        return hidden[:, -num_new:]
+
     def reject_tail(self, keep_counts: torch.Tensor, tail: int) -> None:
         """Of the last ``tail`` kept tokens, row b keeps its first ``keep_counts[b]``; the rest become
         holes. Slots that every row rejects are cropped from the cache."""
@@ -198,7 +249,7 @@ class Output:
         return torch.cat([input_ids, self.tokens.to(self.device)], 1)
 
 
-def _prefill(state: KVState, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def prefill(state: KVState, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Causal pass over the (left-padded) prompt; returns the last position's logits [B, V]."""
     return state.forward(input_ids, new_valid=attention_mask.bool(), logits_to_keep=1)[:, -1]
 
@@ -208,7 +259,7 @@ def ar_decode(model, input_ids, attention_mask, settings: DecodeSettings) -> tup
     state = KVState(model, input_ids.shape[0], settings.use_prefix_cache)
     out = Output(input_ids.shape[0], settings, input_ids.device)
     stats = DecodeStats("ar", nfe=1)
-    token, _ = choose_tokens(_prefill(state, input_ids, attention_mask), settings.temperature)
+    token, _ = choose_tokens(prefill(state, input_ids, attention_mask), settings.temperature)
     out.emit_batch(token[:, None])
     while not out.all_done:
         logits = state.forward(token[:, None], logits_to_keep=1)[:, -1]
@@ -301,7 +352,7 @@ def diffusion_decode(model, input_ids, attention_mask, settings: DecodeSettings
     state = KVState(model, batch, settings.use_prefix_cache)
     out = Output(batch, settings, input_ids.device)
     stats = DecodeStats("diffusion", nfe=1)
-    seed, _ = choose_tokens(_prefill(state, input_ids, attention_mask), settings.temperature)
+    seed, _ = choose_tokens(prefill(state, input_ids, attention_mask), settings.temperature)
     generated = 0
     while not out.all_done:
         stats.cycles += 1
@@ -323,37 +374,4 @@ def diffusion_decode(model, input_ids, attention_mask, settings: DecodeSettings
         logits = state.forward(block, logits_to_keep=1)[:, -1]
         stats.nfe += 1
         seed, _ = choose_tokens(logits, settings.temperature)
-    return out.sequences(input_ids), out.finish(stats)
-
-
-def linear_spec_decode(model, input_ids, attention_mask, settings: DecodeSettings
-                       ) -> tuple[torch.Tensor, DecodeStats]:
-    """Self-speculation: a bidirectional draft pass over [seed, MASK...] and a causal verify pass.
-
-    Row b accepts c_b leading draft tokens that match the verifier plus the verifier's next token;
-    the K/V of its rejected draft positions become holes. Every emitted token is the verifier's own
-    choice given the accepted prefix, so the output is AR's (exactly AR's at temperature 0).
-    NFE = 1 (prefill) + per cycle: a draft pass (skipped when the draft has no mask, i.e. length 1)
-    and a verify pass."""
-    batch = input_ids.shape[0]
-    state = KVState(model, batch, settings.use_prefix_cache)
-    out = Output(batch, settings, input_ids.device)
-    stats = DecodeStats("self_spec", nfe=1)
-    seed, _ = choose_tokens(_prefill(state, input_ids, attention_mask), settings.temperature)
-    out.emit_batch(seed[:, None])
-    while not out.all_done:
-        stats.cycles += 1
-        length = min(settings.block_length, out.remaining())
-        draft = torch.full((batch, length), settings.mask_id, dtype=torch.long, device=input_ids.device)
-        draft[:, 0] = seed
-        if length > 1:
-            logits = state.forward(draft, bidirectional=True, keep=False)
-            stats.nfe += 1
-            draft[:, 1:] = logits[:, 1:].argmax(-1)
-        verified, _ = choose_tokens(state.forward(draft), settings.temperature)
-        stats.nfe += 1
-        matches = (verified[:, :-1] == draft[:, 1:]).long().cumprod(1).sum(1)
-        out.emit_batch(verified, (matches + 1).tolist())
-        state.reject_tail(matches + 1, length)
-        seed = verified.gather(1, matches[:, None])[:, 0]
     return out.sequences(input_ids), out.finish(stats)

@@ -7,7 +7,9 @@ causal LM (same tensor names, same ``forward`` and logits) with three decoding m
 - ``generate``: block diffusion with a causal prefix cache, as the published runtime names it; a call in
   HF's style (``do_sample=``, ``generation_config=``, ``pipeline``, ...) reaches HF's ``GenerationMixin.generate``
   (also ``hf_generate``);
-- ``linear_spec_generate``: self-speculation (bidirectional draft, causal verify), lossless.
+- ``linear_spec_generate``: self-speculation (bidirectional draft, causal verify), lossless;
+- ``quadratic_spec_generate``: self-speculation with one forward per cycle (this cycle's verify pass and the
+  drafts of the next cycle for every acceptance length share it), lossless.
 
 Diffusion and self-speculation serve models whose clean stream was trained causal (``config.clean_pattern``);
 they refuse any other pattern.
@@ -21,7 +23,8 @@ An empty ``eos_token_id`` list decodes all ``max_new_tokens``.
 NFE: AR = max_new_tokens (the prefill gives the first token). Diffusion = 1 prefill + one pass per
 denoising step of each block + one causal pass per finished block that another block follows.
 Self-speculation = 1 prefill + 2 per cycle (draft, verify); a cycle that drafts one position has no
-mask to fill and runs the verify pass only (so block_length 1 is exactly AR, NFE included).
+mask to fill and runs the verify pass only (so block_length 1 is exactly AR, NFE included). Quadratic
+self-speculation = 1 prefill (which also drafts the first cycle) + 1 per cycle. Every NFE counts the prefill.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ from .decoding_ar2dlm import (
     DecodeStats,
     ar_decode,
     diffusion_decode,
-    linear_spec_decode,
 )
+from .speculation_ar2dlm import linear_spec_decode, quadratic_spec_decode
 
 DEFAULT_THRESHOLD = 0.9
 SERVED_CLEAN_PATTERN = "causal"  # the clean stream a causal prefix cache reproduces (config.clean_pattern)
@@ -119,6 +122,27 @@ class TriModeMixin:
             block_length=block_length)
         return _result(*linear_spec_decode(self, input_ids, attention_mask, settings), return_stats)
 
+    @torch.no_grad()
+    def quadratic_spec_generate(self, input_ids, max_new_tokens, block_length=None, temperature=0.0,
+                                eos_token_id=None, attention_mask=None, return_stats=False, draft_length=None):
+        """Quadratic self-speculation (docs/design.md §4.6): one forward per cycle verifies the draft
+        ``[seed, d_1 .. d_k]`` and drafts the next cycle for every acceptance length at once, so it holds
+        (k + 1)(k + 2) tokens. ``draft_length`` = k, at most ``block_length - 1`` (the default); a smaller k makes
+        the shared forward cheaper where compute, not memory bandwidth, bounds it (a CPU)."""
+        block_length = self._default_block_length(block_length)
+        if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 2:
+            raise ValueError(f"quadratic self-speculation needs block_length >= 2 (a seed and a draft), "
+                             f"got {block_length!r}")
+        draft_length = block_length - 1 if draft_length is None else draft_length
+        if (isinstance(draft_length, bool) or not isinstance(draft_length, int)
+                or not 1 <= draft_length <= block_length - 1):
+            raise ValueError(f"draft_length must be an integer in [1, block_length - 1 = {block_length - 1}], "
+                             f"got {draft_length!r}")
+        input_ids, attention_mask, settings = self._prepare(
+            input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=True,
+            block_length=block_length)
+        return _result(*quadratic_spec_decode(self, input_ids, attention_mask, settings, draft_length), return_stats)
+
     def _prepare(self, input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, *,
                  needs_mask: bool, **extra) -> tuple[torch.Tensor, torch.Tensor, DecodeSettings]:
         """Check the arguments (ValueError) and resolve the defaults from the config."""
@@ -135,6 +159,9 @@ class TriModeMixin:
         if context is not None and longest + max_new_tokens > context:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"context window ({context})")
+        block_length = extra.get("block_length", 1)
+        if context is not None and block_length > context:
+            raise ValueError(f"block_length ({block_length}) exceeds the context window ({context})")
         mask_id = getattr(self.config, "mask_token_id", None)
         if needs_mask:
             if mask_id is None:

@@ -46,3 +46,9 @@ def test_smollm2_converts_exactly_and_self_speculates_losslessly(tmp_path, megat
     # 23 tokens follow the prefill's: a cycle whose draft is rejected gives one, so fewer cycles means accepted
     # drafts, which even the untrained conversion has on these prompts (21 cycles measured on CPU)
     assert cycles < 23
+    for block_length, draft_length in ((8, None), (16, 4)):
+        quad, quad_stats = model.quadratic_spec_generate(batch.input_ids, max_new_tokens=24, block_length=block_length,
+                                                         draft_length=draft_length,
+                                                         attention_mask=batch.attention_mask, return_stats=True)
+        assert torch.equal(ar, quad), (block_length, draft_length)
+        assert quad_stats.nfe == 1 + quad_stats.cycles and quad_stats.cycles < 23

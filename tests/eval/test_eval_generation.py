@@ -24,14 +24,16 @@ def test_results_do_not_depend_on_the_batch_size(trained, held_out):
     batched = sweep(model, tokenizer, held_out, replace(SETTINGS, batch_size=3, decode_alone=True))  # 3 + 2
     # the rows differ (EOS at different places, different acceptance), so a mix-up would show
     assert len({r.new_tokens for r in batched[0].rows}) > 1
-    for mode in ("diffusion", "self_spec"):
+    for mode in ("diffusion", "self_spec", "quad_spec"):
         assert any(len({r.nfe for r in res.rows}) > 1 for res in batched if res.mode == mode), mode
     assert [(r.mode, r.block_length, r.threshold) for r in batched] == [
         ("ar", None, None), ("diffusion", 2, 0.0), ("diffusion", 2, 0.9), ("self_spec", 2, None),
-        ("diffusion", 4, 0.0), ("diffusion", 4, 0.9), ("self_spec", 4, None)]
+        ("quad_spec", 2, None), ("diffusion", 4, 0.0), ("diffusion", 4, 0.9), ("self_spec", 4, None),
+        ("quad_spec", 4, None)]
     for one, three in zip(alone, batched, strict=True):
         assert per_example(one) == per_example(three), (one.mode, one.block_length, one.threshold)
-        for key in ("accuracy", "nfe", "nfe_per_example", "tokens_per_forward", "acceptance_length"):
+        for key in ("accuracy", "nfe", "nfe_per_example", "tokens_per_forward", "acceptance_length",
+                    "acceptance_by_offset"):
             assert getattr(one, key) == getattr(three, key), key
         assert three.batch_mismatches == 0
     assert batched[0].batch_forwards < alone[0].batch_forwards  # what the batch ran does depend on it
@@ -42,7 +44,7 @@ class CountingCalls:
 
     def __init__(self, model, monkeypatch):
         self.prompts = {}
-        for name in ("ar_generate", "generate", "linear_spec_generate"):
+        for name in ("ar_generate", "generate", "linear_spec_generate", "quadratic_spec_generate"):
             method = getattr(model, name)
             monkeypatch.setattr(model, name, self.counting(name, method))
 
@@ -59,7 +61,7 @@ def test_each_prompt_is_decoded_once_unless_decode_alone(trained, held_out, monk
     calls = CountingCalls(model, monkeypatch)
     settings = replace(SETTINGS, thresholds=(0.9,), block_lengths=(4,), batch_size=3)
     results = sweep(model, tokenizer, held_out, settings)
-    assert calls.prompts == {"ar_generate": 5, "generate": 5, "linear_spec_generate": 5}
+    assert calls.prompts == {"ar_generate": 5, "generate": 5, "linear_spec_generate": 5, "quadratic_spec_generate": 5}
     # each example carries the NFE and cycles of its batch (3 + 2 examples): an upper bound of decoding it alone
     alone = {r.mode: r for r in sweep(model, tokenizer, held_out, replace(settings, batch_size=1))}
     for result in results:
@@ -68,7 +70,8 @@ def test_each_prompt_is_decoded_once_unless_decode_alone(trained, held_out, monk
     assert len({row.nfe for row in results[1].rows}) <= 2  # one value per batch
     calls.prompts.clear()
     sweep(model, tokenizer, held_out, replace(settings, decode_alone=True))
-    assert calls.prompts == {"ar_generate": 5, "generate": 10, "linear_spec_generate": 10}
+    assert calls.prompts == {"ar_generate": 5, "generate": 10, "linear_spec_generate": 10,
+                             "quadratic_spec_generate": 10}
 
 
 def test_ar_nfe_per_example_is_the_nfe_of_decoding_alone(tiny, held_out):

@@ -21,13 +21,18 @@ def test_ar2dlm_eval_end_to_end(tiny_export, tmp_path, capsys):
     output = tmp_path / "report"
     assert main(eval_args(tiny_export, output, "block_lengths=[2,4]")) == 0
     printed = capsys.readouterr().out.strip().splitlines()
-    # the table comes last: header, separator, then AR + per block length (2 diffusion + 1 self_spec)
-    assert printed[-9] == "| " + " | ".join(TABLE_COLUMNS) + " |"
-    assert [line.split(" | ")[0] for line in printed[-7:]] == ["| ar"] + (["| diffusion"] * 2 + ["| self_spec"]) * 2
+    # the table comes last: header, separator, then AR + per block length (2 diffusion + self_spec + quad_spec)
+    assert printed[-11] == "| " + " | ".join(TABLE_COLUMNS) + " |"
+    assert [line.split(" | ")[0] for line in printed[-9:]] == ["| ar"] + (
+        ["| diffusion"] * 2 + ["| self_spec", "| quad_spec"]) * 2
     report = json.loads((output / "report.json").read_text())
     assert [(r["mode"], r["block_length"], r["threshold"]) for r in report["results"]] == [
         ("ar", None, None), ("diffusion", 2, 0.5), ("diffusion", 2, 0.9), ("self_spec", 2, None),
-        ("diffusion", 4, 0.5), ("diffusion", 4, 0.9), ("self_spec", 4, None)]
+        ("quad_spec", 2, None), ("diffusion", 4, 0.5), ("diffusion", 4, 0.9), ("self_spec", 4, None),
+        ("quad_spec", 4, None)]
+    assert all(len(r["acceptance_by_offset"]) == r["block_length"] - 1
+               for r in report["results"] if r["mode"] in ("self_spec", "quad_spec"))
+    assert "acceptance by draft offset" in (output / "report.md").read_text()
     settings = report["settings"]
     assert settings["model"] == str(tiny_export) and settings["examples"] == 4 and settings["batch_size"] == 3
     assert settings["tasks"] == ["demo:4"] and settings["seed"] == 1234 and settings["machine"]["device"] == "cpu"
@@ -35,7 +40,7 @@ def test_ar2dlm_eval_end_to_end(tiny_export, tmp_path, capsys):
     assert all(r["examples"] == 4 and r["tokens_per_forward"] > 0 for r in report["results"])
     assert (output / "report.md").is_file() and (output / "accuracy_vs_tpf.png").is_file()
     predictions = (output / "predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == 4 * 7 and {"prompt", "answer", "prediction", "nfe"} <= set(json.loads(predictions[0]))
+    assert len(predictions) == 4 * 9 and {"prompt", "answer", "prediction", "nfe"} <= set(json.loads(predictions[0]))
 
 
 def test_jsonl_task_and_perplexity_texts(tiny_export, tmp_path, capsys):

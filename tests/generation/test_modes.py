@@ -7,7 +7,8 @@ import torch
 
 from ar2dlm.generation.modes import MODES, decode
 
-METHODS = {"ar": "ar_generate", "diffusion": "generate", "self_spec": "linear_spec_generate"}
+METHODS = {"ar": "ar_generate", "diffusion": "generate", "self_spec": "linear_spec_generate",
+           "quad_spec": "quadratic_spec_generate"}
 
 
 @pytest.mark.parametrize("mode", MODES)
