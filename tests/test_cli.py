@@ -93,7 +93,7 @@ def test_stage_help_describes_each_key_with_its_allowed_values():
     objective = lines.index(next(line for line in lines if line.split()[:1] == ["train.objective"]))
     assert lines[objective].split() == ["train.objective", "'joint'"]
     assert lines[objective + 1].startswith("      losses trained: ") and lines[objective + 1].endswith(
-        "  [ar | joint | diffusion]")
+        "  [ar | joint | diffusion | drafter]")
     assert "  [null | hybrid | e4m3]" in result.stdout and "(undocumented)" not in result.stdout
     assert help_keys(result)["resume"] == "false"
     prompt = ar2dlm("generate", "--help").stdout

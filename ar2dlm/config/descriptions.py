@@ -20,7 +20,8 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "init": "ar2dlm checkpoint to start from: a converted model or a training checkpoint (step_* folder)",
     "resume": "continue the run in output from its newest checkpoint (true | false)",
     "seed": "seed of the data order, the noise and the initialisation (integer)",
-    "train.objective": "losses trained: ar (causal LM only), joint (AR + diffusion, the published recipe), diffusion",
+    "train.objective": "losses trained: ar (causal LM only), joint (AR + diffusion, the published recipe), diffusion, "
+                       "drafter (a LoRA for self-speculation's draft passes; the model is frozen; see drafter.*)",
     "train.steps": "optimizer steps to train to (integer >= 1)",
     "train.global_batch_size": "sequences per optimizer step, all ranks (multiple of micro_batch_size x data-parallel)",
     "train.micro_batch_size": "sequences per forward/backward on one rank (integer >= 1)",
@@ -42,6 +43,25 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "diffusion.ar_loss_weight": "weight of the AR loss in the joint objective (>= 0)",
     "diffusion.attention_kernel": "block-diffusion attention: auto (flex on GPU, split on CPU), flex, sdpa (dense "
                                   "mask), split",
+    "diffusion.loss_normalization": "shared (weighted sum / all loss tokens, Megatron-Bridge) or per_term (w_dlm x "
+                                    "diffusion mean + w_ar x AR mean, NeMo Automodel)",
+    "diffusion.complementary_masking": "also train the complement of each noise mask in the same step, as a "
+                                       "second row: every maskable token is a diffusion target (true | false; "
+                                       "not objective ar)",
+    "diffusion.random_block_prob": "share of training steps whose block size is drawn from random_block_sizes "
+                                   "(in [0, 1]; 0: always block_size; not objective ar)",
+    "diffusion.random_block_sizes": "block sizes a step may draw, each dividing block_size ([]: the powers of two "
+                                    ">= 2 dividing block_size, and block_size)",
+    "diffusion.decode_block_size": "block size the exported model decodes with (integer >= 1; null: block_size)",
+    "drafter.rank": "objective drafter: LoRA rank (integer >= 1, a multiple of parallel.tensor; NLD: 128)",
+    "drafter.alpha": "objective drafter: LoRA alpha, the adapter output is scaled by alpha / rank (> 0; NLD: 512)",
+    "drafter.target_modules": "objective drafter: megatron-core linears that get an adapter: linear_proj (attention "
+                              "output, HF o_proj), linear_qkv, linear_fc1, linear_fc2, or a pattern with '*'",
+    "drafter.kl_temperature": "objective drafter: temperature of the draft and verifier distributions in the KL / TV "
+                              "terms (> 0)",
+    "drafter.top_k": "objective drafter: the KL / TV terms run over the top-k tokens of both distributions (>= 1)",
+    "drafter.ce_weight": "objective drafter: weight of the CE of the draft against the true token, next to the "
+                         "KL / TV mix's 1 (>= 0)",
     "data.sources": "training data: a list of {path, kind, weight, ...} (see data.sources[] below / the README)",
     "data.seq_length": "tokens per training sequence (integer >= 1)",
     "data.pack": "pack documents into full sequences instead of padding each one (true | false)",
@@ -93,6 +113,8 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "position_decay": "diffusion with confidence=position: discount per position (in (0, 1]; 1: none)",
     "draft_length": "quad_spec: draft tokens per cycle, at most block_length - 1; its shared forward holds "
                     "(k + 1)(k + 2) tokens (null: block_length - 1)",
+    "use_drafter": "self_spec / quad_spec: draft with the export's drafter LoRA (linear_spec_lora/): true, false, or "
+                   "null (generate: when the export has one; eval: both, when it has one)",
     "temperature": "sampling temperature (0: greedy)",
     "device": "auto (cuda if available), cpu, cuda, cuda:N",
     "tasks": "evaluation tasks: demo, demo:N, 'demo:n=N,train=T,seed=S', jsonl:PATH (prompt, answer), "
@@ -119,6 +141,8 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "demo.train_examples": "generated training examples of the demo corpus",
     "demo.eval_examples": "held-out examples evaluated at the end",
     "demo.tokenizer_vocab_size": "vocabulary of the tokenizer trained on the demo corpus",
+    "drafter_stage.steps": "steps of the drafter stage (train.objective=drafter with the drafter.* keys, from the "
+                           "joint stage's last checkpoint; its optimizer: drafter_stage.optim.*); 0: no drafter",
     "tokenizer": "HF tokenizer (folder or hub id) to tokenise with",
     "mask_token_id": "id of the mask token (null: an unused special token, else a new <|mask|> row)",
     "dtype": "weights' dtype in the checkpoint (auto: the source's)",
@@ -182,13 +206,16 @@ STAGE_DESCRIPTIONS: dict[str, dict[str, str]] = {
 }
 
 # the eval settings that `ar2dlm run` uses (its prompts are the demo's held-out ones, in every mode)
-RUN_EVAL_KEYS = ("thresholds", "block_length", "max_new_tokens", "batch_size", "elbo_draws", "decode_alone")
+RUN_EVAL_KEYS = ("modes", "thresholds", "block_length", "block_lengths", "max_new_tokens", "batch_size", "elbo_draws",
+                 "decode_alone", "sub_block_length", "confidence", "position_decay", "draft_length", "use_drafter")
 
 
 def _owner_key(stage: str, key: str) -> tuple[str, str]:
     """The (stage, key) whose description ``key`` of ``stage`` shares."""
     if stage == "run" and key.startswith("source_model.") and key.split(".")[1] in ("train", "optim"):
         return "train", key.removeprefix("source_model.")
+    if stage == "run" and key.startswith("drafter_stage.optim."):
+        return "train", key.removeprefix("drafter_stage.")
     if stage == "run" and key.startswith("eval."):
         return "eval", key.removeprefix("eval.")
     if stage == "run":
@@ -208,7 +235,7 @@ def describe(stage: str, key: str) -> str | None:
 
     owner, name = _owner_key(stage, key)
     if stage == "run" and key.startswith("eval.") and name.split(".")[0] not in RUN_EVAL_KEYS:
-        return "not used by `ar2dlm run` (it evaluates the demo's held-out prompts in every mode)"
+        return "not used by `ar2dlm run` (it evaluates the demo's held-out prompts)"
     text = _text(owner, name)
     if text is None:
         return None

@@ -22,6 +22,23 @@ class DiffusionConfig:
     dlm_loss_weight: float = 0.3
     ar_loss_weight: float = 1.0
     attention_kernel: str = "auto"  # auto | flex | sdpa | split
+    loss_normalization: str = "shared"  # shared (one denominator) | per_term (a mean per loss term)
+    complementary_masking: bool = False  # train each noise draw and its complement in the same step
+    random_block_prob: float = 0.0  # share of training steps with a block size drawn from random_block_sizes
+    random_block_sizes: list[int] = field(default_factory=list)  # []: the powers of two >= 2 dividing block_size
+    decode_block_size: int | None = None  # block size the exported model decodes with (null: block_size)
+
+
+@dataclass
+class DrafterConfig:
+    """`train.objective=drafter`: the draft-only LoRA and its loss (ar2dlm.training.drafter, docs/design.md §4.7)."""
+
+    rank: int = 16  # NLD ships rank 128, alpha 512 on o_proj (recipes for large models set those)
+    alpha: float = 64.0  # adapter scale alpha / rank, as PEFT
+    target_modules: list[str] = field(default_factory=lambda: ["linear_proj"])  # linear_proj | linear_qkv | ...
+    kl_temperature: float = 3.0
+    top_k: int = 200
+    ce_weight: float = 1.0
 
 
 @dataclass
@@ -66,7 +83,7 @@ class OptimConfig:
 
 @dataclass
 class TrainLoopConfig:
-    objective: str = "joint"  # ar | joint | diffusion
+    objective: str = "joint"  # ar | joint | diffusion | drafter
     steps: int = 100
     global_batch_size: int = 8
     micro_batch_size: int = 2
@@ -140,6 +157,7 @@ class TrainStage:
     seed: int = 1234
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -188,6 +206,7 @@ class GenerateStage:
     confidence: str = "probability"  # probability | position
     position_decay: float = 0.9  # confidence=position: discount per position right of the leftmost mask
     draft_length: int | None = None  # quad_spec: draft tokens per cycle; null: block_length - 1
+    use_drafter: bool | None = None  # self_spec / quad_spec: the export's drafter LoRA; null: when it has one
     temperature: float = 0.0
     device: str = "auto"
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -206,6 +225,7 @@ class EvalStage:
     confidence: str = "probability"  # see GenerateStage
     position_decay: float = 0.9  # see GenerateStage
     draft_length: int | None = None  # see GenerateStage
+    use_drafter: bool | None = None  # null: self-speculation with and without the drafter when the export has one
     block_length: int = 32
     block_lengths: list[int] = field(default_factory=list)  # a block-length sweep; empty: [block_length]
     max_new_tokens: int = 64
@@ -267,6 +287,14 @@ class GGUFSourceConfig:
 
 
 @dataclass
+class DrafterStageConfig:
+    """`ar2dlm run`'s drafter stage: train.objective=drafter (the drafter.* keys) from the joint stage's checkpoint."""
+
+    steps: int = 0  # 0: no drafter stage
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-4))
+
+
+@dataclass
 class RunStage(TrainStage):
     """The whole chain: source model -> convert -> train -> export -> eval."""
 
@@ -277,6 +305,7 @@ class RunStage(TrainStage):
     source_model: SourceModelConfig = field(default_factory=SourceModelConfig)
     demo: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
     mask_token_id: int | None = None
+    drafter_stage: DrafterStageConfig = field(default_factory=DrafterStageConfig)
     eval: EvalStage = field(default_factory=lambda: EvalStage(model="", output=""))
 
 

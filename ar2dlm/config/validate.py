@@ -13,7 +13,7 @@ from ar2dlm.runtime.decoding_ar2dlm import CONFIDENCES
 
 CHOICES: dict[str, tuple] = {
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
-    "train.objective": ("ar", "joint", "diffusion"),
+    "train.objective": ("ar", "joint", "diffusion", "drafter"),
     "train.precision": ("fp32", "bf16"),
     "train.fp8": (None, "hybrid", "e4m3"),
     "train.fp8_recipe": ("delayed", "tensorwise", "mxfp8"),
@@ -21,6 +21,7 @@ CHOICES: dict[str, tuple] = {
     "diffusion.clean_pattern": ("causal", "block_causal", "none"),
     "diffusion.noise_schedule": ("uniform", "position"),
     "diffusion.attention_kernel": ("auto", "flex", "sdpa", "split"),
+    "diffusion.loss_normalization": ("shared", "per_term"),
     "optim.schedule": ("wsd", "cosine", "constant"),
     "mode": MODES,
     "confidence": CONFIDENCES,
@@ -67,12 +68,15 @@ def _training_rules(cfg: DictConfig, world: int | None = None, on_this_machine: 
     train, diffusion, parallel, optim = cfg.train, cfg.diffusion, cfg.parallel, cfg.optim
     for key in ("train.steps", "train.global_batch_size", "train.micro_batch_size", "diffusion.block_size",
                 "data.seq_length", "parallel.tensor", "parallel.pipeline", "parallel.context",
-                "checkpoint.keep_last", "train.log_interval", "data.max_document_chars"):
+                "checkpoint.keep_last", "train.log_interval", "data.max_document_chars", "diffusion.decode_block_size"):
         yield from _at_least(cfg, key, 1)
     for key in ("optim.warmup_steps", "checkpoint.save_interval", "optim.weight_decay", "optim.grad_clip",
                 "train.eval_interval", "diffusion.dlm_loss_weight", "diffusion.ar_loss_weight"):
         yield from _at_least(cfg, key, 0)
     yield from _between(cfg, "diffusion.eps", 0.0, 0.5)
+    yield from _between(cfg, "diffusion.random_block_prob", 0.0, 1.0)
+    yield from _lever_rules(train, diffusion)
+    yield from _drafter_rules(cfg)
     yield from _between(cfg, "optim.decay_fraction", 0.0, 1.0)
     yield from _between(cfg, "optim.beta1", 0.0, 0.999999)
     yield from _between(cfg, "optim.beta2", 0.0, 0.999999)
@@ -103,6 +107,52 @@ def _training_rules(cfg: DictConfig, world: int | None = None, on_this_machine: 
         yield ("diffusion.clean_pattern=block_causal lets a clean token see the next token of its own block, so the "
                "AR loss of train.objective=joint would learn to copy: use train.objective=diffusion (no AR loss) "
                "or diffusion.clean_pattern=causal")
+
+
+def _lever_rules(train: DictConfig, diffusion: DictConfig) -> Iterator[str]:
+    """The training levers of docs/design.md §2.7 (complementary masking, random block sizes)."""
+    if train.objective == "ar" and diffusion.complementary_masking:  # objective drafter: see _drafter_rules
+        yield "diffusion.complementary_masking needs a diffusion loss: train.objective=joint or diffusion, not ar"
+    if train.objective == "ar" and diffusion.random_block_prob > 0:
+        yield "diffusion.random_block_prob > 0 needs a diffusion loss: train.objective=joint or diffusion, not ar"
+    bad = [size for size in diffusion.random_block_sizes if size < 1 or diffusion.block_size % size]
+    if bad and diffusion.block_size >= 1:
+        yield (f"diffusion.random_block_sizes={list(diffusion.random_block_sizes)}: each must divide "
+               f"diffusion.block_size={diffusion.block_size} (offending: {bad})")
+
+
+def _drafter_rules(cfg: DictConfig) -> Iterator[str]:
+    """The drafter objective's keys (checked whatever the objective) and what it needs of the run."""
+    from ar2dlm.model.lora import KNOWN_TARGETS
+
+    drafter = _get(cfg, "drafter")
+    if drafter is _ABSENT:
+        return
+    yield from _at_least(cfg, "drafter.rank", 1)
+    yield from _at_least(cfg, "drafter.top_k", 1)
+    yield from _at_least(cfg, "drafter.ce_weight", 0)
+    for key in ("alpha", "kl_temperature"):
+        if not drafter[key] > 0:
+            yield f"drafter.{key}={drafter[key]} must be > 0"
+    unknown = [t for t in drafter.target_modules if t not in KNOWN_TARGETS and "*" not in t]
+    if not drafter.target_modules or unknown:
+        yield (f"drafter.target_modules={list(drafter.target_modules)} has no trainable target: give one or more of "
+               f"{', '.join(KNOWN_TARGETS)} (or a pattern with '*')")
+    if cfg.train.objective != "drafter":
+        return
+    parallel, diffusion = cfg.parallel, cfg.diffusion
+    if drafter.rank >= 1 and parallel.tensor >= 1 and drafter.rank % parallel.tensor:
+        yield f"drafter.rank={drafter.rank} must be a multiple of parallel.tensor={parallel.tensor}"
+    if diffusion.clean_pattern != "causal":
+        yield ("train.objective=drafter needs diffusion.clean_pattern=causal: the drafter reads the causal prefix the "
+               "verifier writes")
+    if parallel.context > 1:
+        yield "train.objective=drafter does not support parallel.context > 1 yet"
+    if parallel.sequence_parallel:
+        yield "train.objective=drafter does not support parallel.sequence_parallel"
+    for key in ("complementary_masking", "random_block_prob"):
+        if diffusion.get(key):
+            yield f"train.objective=drafter has no noise: diffusion.{key} does not apply to it"
 
 
 def _layout_rules(train: DictConfig, parallel: DictConfig, world: int | None = None) -> Iterator[str]:

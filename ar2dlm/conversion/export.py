@@ -15,11 +15,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ar2dlm.conversion.hf_weights import export_bridge, hf_tensors, save_safetensors_shards
+from ar2dlm.conversion.lora_export import PEFT_DIR, load_model_and_adapter, write_peft_adapter
 from ar2dlm.conversion.runtime_install import SERVED_CLEAN_PATTERN, install_runtime
 from ar2dlm.errors import UserError
 from ar2dlm.fs import atomic_directory, check_output_dir, refuse_overlap
 from ar2dlm.log import logger
-from ar2dlm.model.checkpoint import HF_DIR, METADATA_FILE, CheckpointMetadata, load_model, read_metadata
+from ar2dlm.model.checkpoint import HF_DIR, METADATA_FILE, CheckpointMetadata, read_metadata
 from ar2dlm.model.manifest import verify_manifest
 
 MODEL_CARD = """---
@@ -98,7 +99,8 @@ def trained_metadata(checkpoint: Path, metadata: CheckpointMetadata) -> Checkpoi
     if (config.get("train") or {}).get("objective", "ar") == "ar":
         return metadata.trained_with(metadata.block_size, SERVED_CLEAN_PATTERN)
     diffusion = config.get("diffusion") or {}
-    return metadata.trained_with(diffusion.get("block_size", metadata.block_size),
+    decode = diffusion.get("decode_block_size") or diffusion.get("block_size", metadata.block_size)
+    return metadata.trained_with(decode,
                                  diffusion.get("clean_pattern", SERVED_CLEAN_PATTERN))
 
 
@@ -110,7 +112,7 @@ def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = Fals
     source = resolve_checkpoint(checkpoint)
     refuse_overlap(output, source)
     metadata = trained_metadata(source, read_metadata(source))
-    chunks, _, _ = load_model(source, checksums=checksums)
+    chunks, adapter, lora = load_model_and_adapter(source, checksums=checksums)  # adapter: a drafter run's LoRA
     bridge = export_bridge(source / HF_DIR, metadata.hf_tensor_names)
     with atomic_directory(output, overwrite) as staging:
         for item in (source / HF_DIR).iterdir():
@@ -118,6 +120,12 @@ def export(checkpoint: str | Path, output: str | Path, *, overwrite: bool = Fals
                 shutil.copy2(item, staging / item.name)
         logger.info("writing safetensors weights")
         save_safetensors_shards(hf_tensors(bridge, chunks), staging, dtype=metadata.torch_dtype)
+        if adapter is not None:
+            from transformers import AutoConfig
+
+            logger.info("writing the drafter adapter as PEFT LoRA: %s/", PEFT_DIR)
+            write_peft_adapter(staging, adapter, lora, AutoConfig.from_pretrained(source / HF_DIR),
+                               metadata.torch_dtype)
         pad_for_batches(staging, metadata)
         install_runtime(staging, architecture=metadata.architecture, mask_token_id=metadata.mask_token_id,
                         block_size=metadata.block_size, threshold=threshold, clean_pattern=metadata.clean_pattern)

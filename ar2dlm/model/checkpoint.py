@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 class CheckpointMetadata:
     architecture: str
     mask_token_id: int
-    block_size: int  # convert's block_size, replaced by diffusion.block_size once a run trains diffusion
+    block_size: int  # convert's block_size, replaced by the decoding block size once a run trains diffusion
     vocab_size: int
     source_vocab_size: int
     params_dtype: str
@@ -51,9 +51,16 @@ class CheckpointMetadata:
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.params_dtype)
 
-    def trained_with(self, block_size: int, clean_pattern: str) -> CheckpointMetadata:
-        """This metadata for weights trained with these diffusion settings (export writes them into config.json)."""
-        return replace(self, block_size=int(block_size), clean_pattern=str(clean_pattern))
+    def trained_with(self, block_size: int, clean_pattern: str, train_block_size: int | None = None
+                     ) -> CheckpointMetadata:
+        """This metadata for weights trained with these diffusion settings (export writes them into config.json).
+
+        ``block_size`` is the block the model decodes with; a different training block (diffusion.block_size
+        with diffusion.decode_block_size set) is kept in ``extra["train_block_size"]``."""
+        extra = {k: v for k, v in self.extra.items() if k != "train_block_size"}
+        if train_block_size is not None and int(train_block_size) != int(block_size):
+            extra["train_block_size"] = int(train_block_size)
+        return replace(self, block_size=int(block_size), clean_pattern=str(clean_pattern), extra=extra)
 
 
 def write_metadata(directory: Path, metadata: CheckpointMetadata) -> None:

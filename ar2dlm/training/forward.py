@@ -4,7 +4,9 @@
 unshifted diffusion loss, the clean half the shifted AR loss (docs/design.md §2.1-2.4). ``objective: ar``
 is a plain causal pass. ``objective: diffusion`` keeps the doubled sequence (the clean half is the
 context the noisy blocks read) but drops the AR term; with ``clean_pattern: none`` there is no clean stream,
-only x_t with full attention (the single-stream LLaDA-style baseline).
+only x_t with full attention (the single-stream LLaDA-style baseline). ``objective: drafter`` feeds
+``[x_d ; x_0]`` (x_d: ``[seed, MASK ...]`` blocks) to a model whose LoRA acts on x_d only, and trains the
+adapter towards the clean stream's distribution (:mod:`ar2dlm.training.drafter`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from torch import Tensor
 from ar2dlm.model.context_parallel import ContextShard
 from ar2dlm.model.core_attention import AttentionLayout, LayoutTensor, layout_tensor
 from ar2dlm.model.masks import doubled_layout
+from ar2dlm.training.block_sizes import RandomBlockSizes
+from ar2dlm.training.complementary import first_of_pair, paired, repeat_rows
+from ar2dlm.training.drafter import DrafterLossConfig, draft_stream, drafter_loss_parts
 from ar2dlm.training.loss import (
     LossParts,
     ObjectiveWeights,
@@ -25,7 +30,7 @@ from ar2dlm.training.loss import (
     doubled_labels,
     split_doubled,
 )
-from ar2dlm.training.noise import NoiseConfig, NoiseDraw, sample_noise
+from ar2dlm.training.noise import NoiseConfig, NoiseDraw, block_layout, sample_noise
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,16 @@ class ObjectiveSettings:
     attention_kernel: str
     seed: int
     pad_id: int
+    complementary_masking: bool = False  # each draw and its complement, as two rows (training/complementary.py)
+    normalization: str = "shared"  # shared | per_term (training/loss.py)
+    random_blocks: RandomBlockSizes | None = None  # block size drawn per step (training/block_sizes.py)
+    drafter: DrafterLossConfig | None = None  # objective drafter: its loss (training/drafter.py)
+
+    def block_size_at(self, step: int) -> int:
+        """The diffusion block size of training step ``step`` (the configured one at step 0, validation's)."""
+        if self.random_blocks is None:
+            return self.noise.block_size
+        return self.random_blocks.at_step(self.seed, step)
 
     @property
     def layout(self) -> str:
@@ -71,22 +86,56 @@ class PreparedBatch:
             count += self.ar_mask.sum()
         return count
 
+    @property
+    def term_tokens(self) -> Tensor:
+        """[masked positions, AR targets] of this micro-batch: the denominators of per-term normalization."""
+        counts = torch.zeros(2, dtype=torch.float64)
+        if self.noise is not None:
+            counts[0] = self.noise.masked.sum()
+        if self.ar_mask is not None:
+            counts[1] = self.ar_mask.sum()
+        return counts
+
 
 def prepare_batch(batch, step: int, settings: ObjectiveSettings) -> PreparedBatch:
     """Noise the micro-batch (seeded by its global sample indices and the step) and lay out the input."""
     x0, loss_mask, documents = batch.input_ids, batch.loss_mask, batch.document_ids
     length = x0.shape[1]
     layout_name = settings.layout
-    layout = AttentionLayout(layout_name, length, settings.noise.block_size, documents, settings.attention_kernel)
+    block_size = settings.block_size_at(step)
+    noise_config = settings.noise if block_size == settings.noise.block_size else replace(settings.noise,
+                                                                                           block_size=block_size)
+    layout = AttentionLayout(layout_name, length, block_size, documents, settings.attention_kernel)
+    if settings.drafter is not None:
+        return _drafter_batch(x0, loss_mask, layout, settings)
     if layout_name == "causal":
         labels = doubled_labels(x0, settings.pad_id)[:, length:]
         return PreparedBatch(x0, labels, layout, None, ar_target_mask(loss_mask, documents), loss_mask)
-    noise = sample_noise(x0, batch.sample_index, step, settings.seed, settings.noise, loss_mask, documents)
+    noise = sample_noise(x0, batch.sample_index, step, settings.seed, noise_config, loss_mask, documents)
+    ar_mask = ar_target_mask(loss_mask, documents) if settings.weights.ar > 0 else None
+    if settings.complementary_masking:  # rows B..2B-1: the complements, with no AR targets
+        maskable = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask
+        noise = paired(noise, x0, maskable, noise_config)
+        ar_mask = None if ar_mask is None else first_of_pair(ar_mask)
+        x0, loss_mask, documents = repeat_rows(x0), repeat_rows(loss_mask), repeat_rows(documents)
+        layout = replace(layout, document_ids=documents)
     if layout_name == "bidirectional":
         return PreparedBatch(noise.noisy_ids, x0, layout, noise, None, loss_mask)
-    ar_mask = ar_target_mask(loss_mask, documents) if settings.weights.ar > 0 else None
     inputs = torch.cat([noise.noisy_ids, x0], dim=1)
     return PreparedBatch(inputs, doubled_labels(x0, settings.pad_id), layout, noise, ar_mask, loss_mask)
+
+
+def _drafter_batch(x0: Tensor, loss_mask: Tensor | None, layout: AttentionLayout,
+                   settings: ObjectiveSettings) -> PreparedBatch:
+    """objective drafter: ``[x_d ; x_0]`` with x_d the ``[seed, MASK ...]`` blocks; no labels (the model returns
+    logits); ``noise.masked`` marks the scored draft positions (training/drafter.py)."""
+    loss_mask = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask
+    draft_ids, scored = draft_stream(x0, loss_mask, layout.document_ids, layout.block_size,
+                                     settings.noise.mask_token_id)
+    weight = scored.float()
+    noise = NoiseDraw(draft_ids, scored, weight, torch.ones_like(weight),
+                      weight.sum(dim=1) / loss_mask.sum(dim=1).clamp(min=1))
+    return PreparedBatch(torch.cat([draft_ids, x0], dim=1), None, layout, noise, None, loss_mask)
 
 
 def shard_for_context_parallel(prepared: PreparedBatch, group) -> PreparedBatch:
@@ -110,12 +159,26 @@ def model_inputs(prepared: PreparedBatch, device: torch.device) -> tuple[Tensor,
     layout = prepared.layout
     if layout.document_ids is not None:
         layout = replace(layout, document_ids=layout.document_ids.to(device), cache={})
-    return prepared.input_ids.to(device), prepared.labels.to(device), layout_tensor(layout)
+    labels = None if prepared.labels is None else prepared.labels.to(device)  # None: the model returns logits
+    return prepared.input_ids.to(device), labels, layout_tensor(layout)
 
 
 def loss_parts(token_ce: Tensor, prepared: PreparedBatch, settings: ObjectiveSettings,
                device: torch.device) -> LossParts:
     """Combine the model's per-token CE [batch, sequence] into the enabled loss terms."""
+    parts = _loss_terms(token_ce, prepared, settings, device)
+    return parts if settings.normalization == parts.normalization else replace(parts,
+                                                                               normalization=settings.normalization)
+
+
+def _loss_terms(token_ce: Tensor, prepared: PreparedBatch, settings: ObjectiveSettings,
+                device: torch.device) -> LossParts:
+    if settings.drafter is not None:  # the model's output is logits, not CE
+        length = prepared.layout.seq_len
+        _, in_block = block_layout((token_ce.shape[0], length), prepared.layout.block_size,
+                                   prepared.layout.document_ids)
+        return drafter_loss_parts(token_ce, prepared.input_ids[:, length:], prepared.noise.masked, in_block,
+                                  settings.drafter)
     weights = settings.weights
     noise = prepared.noise
     layout = prepared.layout.layout

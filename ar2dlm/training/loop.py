@@ -17,6 +17,7 @@ from ar2dlm.errors import UserError
 from ar2dlm.log import MetricSinks, logger, progress
 from ar2dlm.model.checkpoint import HF_DIR, load_model, read_metadata
 from ar2dlm.model.gpt import unwrap_model
+from ar2dlm.training.block_sizes import RandomBlockSizes, candidate_block_sizes
 from ar2dlm.training.checkpointing import (
     load_training_checkpoint,
     newest_checkpoint,
@@ -29,6 +30,13 @@ from ar2dlm.training.checkpointing import (
     step_checkpoints,
 )
 from ar2dlm.training.data_parallel import wrap_data_parallel
+from ar2dlm.training.drafter_model import (
+    load_drafter_model,
+    lora_settings,
+    loss_config,
+    with_adapter,
+    without_adapter,
+)
 from ar2dlm.training.forward import (
     ObjectiveSettings,
     PreparedBatch,
@@ -72,13 +80,22 @@ class Trainer:
         start_from = resume_from or Path(cfg.init).expanduser()
         self.metadata = read_metadata(start_from)
         if cfg.train.objective != "ar":  # what the weights are trained for: export writes it into config.json
-            self.metadata = self.metadata.trained_with(cfg.diffusion.block_size, cfg.diffusion.clean_pattern)
+            self.metadata = self.metadata.trained_with(decode_block_size(cfg.diffusion), cfg.diffusion.clean_pattern,
+                                                       train_block_size=cfg.diffusion.block_size)
         self.hf_dir = start_from / HF_DIR  # moves to each new checkpoint: older ones are pruned
         seq_length = cfg.data.seq_length
-        self.model, _, _ = load_model(start_from, params_dtype=PRECISION_DTYPES[cfg.train.precision],
-                                      seq_length=seq_length, configure=lambda p: configure_provider(p, cfg),
-                                      checksums=cfg.checkpoint.checksums and resume_from is None,
-                                      weights=resume_from is None)  # a resume loads them with the optimizer
+        load_options = dict(params_dtype=PRECISION_DTYPES[cfg.train.precision], seq_length=seq_length,
+                            configure=lambda p: configure_provider(p, cfg),
+                            checksums=cfg.checkpoint.checksums and resume_from is None)
+        drafter = cfg.train.objective == "drafter"
+        if drafter:  # the checkpoint frozen, LoRA adapters trained (training/drafter_model.py)
+            self.model = load_drafter_model(start_from, lora_settings(cfg), resuming=resume_from is not None,
+                                            **load_options)
+            self.metadata = with_adapter(self.metadata, lora_settings(cfg))
+        else:
+            self.model, _, _ = load_model(start_from, weights=resume_from is None,  # a resume loads them with
+                                          **load_options)  # the optimizer
+            self.metadata = without_adapter(self.metadata)  # a drafter init's adapter is not loaded nor saved
         self.model = wrap_data_parallel(self.model, cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir, trust_remote_code=False)
         weights = objective_weights(cfg.train.objective, cfg.diffusion.dlm_loss_weight, cfg.diffusion.ar_loss_weight)
@@ -89,7 +106,9 @@ class Trainer:
                               block_size=cfg.diffusion.block_size, eps=cfg.diffusion.eps,
                               half_life_ratio=cfg.diffusion.half_life_ratio),
             clean_pattern=cfg.diffusion.clean_pattern, attention_kernel=cfg.diffusion.attention_kernel,
-            seed=cfg.seed, pad_id=int(pad_id or 0),
+            seed=cfg.seed, pad_id=int(pad_id or 0), complementary_masking=cfg.diffusion.complementary_masking,
+            normalization=cfg.diffusion.loss_normalization, random_blocks=random_block_sizes(cfg.diffusion),
+            drafter=loss_config(cfg) if drafter else None,
         )
         self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.cp_group = (parallel_state.get_context_parallel_group()
@@ -179,14 +198,18 @@ class Trainer:
         global_tokens = torch.stack([p.loss_tokens for p in prepared]).sum()
         maskable = torch.tensor(float(sum(p.maskable for p in prepared)), dtype=torch.float64)
         counts = torch.stack([global_tokens, maskable])
+        per_term = self.settings.normalization == "per_term"
+        if per_term:  # the global counts of each term, [masked positions, AR targets]
+            counts = torch.cat([counts, torch.stack([p.term_tokens for p in prepared]).sum(dim=0)])
         if dist.is_initialized():
             dist.all_reduce(counts, group=self.dp_group)
         global_tokens, maskable = counts[0].clamp(min=1), counts[1].clamp(min=1)
+        denominator = counts[2:].clamp(min=1) if per_term else global_tokens
         self.optimizer.zero_grad()
         for chunk in self.model:
             chunk.zero_grad_buffer()
-        reduced = forward_backward(self.model, prepared, self.settings, global_tokens)
-        loss = float(reduced.loss_sum) / float(global_tokens)
+        reduced = forward_backward(self.model, prepared, self.settings, denominator)
+        loss = reduced.step_loss(denominator)
         if not math.isfinite(loss):
             raise TrainingDivergedError(f"loss is {loss} at step {step}; stopping without writing a checkpoint "
                                         f"for this step ({self._last_checkpoint_note(step)})")
@@ -198,9 +221,12 @@ class Trainer:
                                         f"and no checkpoint is written for this step ({self._last_checkpoint_note(step)})")
         elapsed = time.perf_counter() - started
         tokens = self.cfg.train.global_batch_size * prepared[0].layout.seq_len  # data tokens (x_0), all ranks
-        return {"loss": loss, "ar_loss": float(reduced.ar_loss), "dlm_loss": float(reduced.dlm_loss),
-                "mask_fraction": float(reduced.dlm_tokens) / float(maskable),
-                "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed}
+        metrics = {"loss": loss, "ar_loss": float(reduced.ar_loss), "dlm_loss": float(reduced.dlm_loss),
+                   "mask_fraction": float(reduced.dlm_tokens) / float(maskable),
+                   "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed}
+        if self.settings.random_blocks is not None:
+            metrics["block_size"] = prepared[0].layout.block_size
+        return metrics
 
     def validate(self) -> dict[str, float] | None:
         """Loss on the validation set with fixed noise (that of step 0), averaged over all its tokens."""
@@ -267,11 +293,28 @@ class Trainer:
             self._save()
 
 
+def decode_block_size(diffusion: DictConfig) -> int:
+    """The block size the trained model decodes with (export writes it into config.json): diffusion.decode_block_size,
+    else diffusion.block_size."""
+    decode = diffusion.get("decode_block_size")
+    return int(diffusion.block_size if decode is None else decode)
+
+
+def random_block_sizes(diffusion: DictConfig) -> RandomBlockSizes | None:
+    """How training steps draw their block size; None when diffusion.random_block_prob is 0 (every step: block_size)."""
+    if not diffusion.random_block_prob:
+        return None
+    return RandomBlockSizes(diffusion.block_size, float(diffusion.random_block_prob),
+                            candidate_block_sizes(diffusion.block_size, list(diffusion.random_block_sizes)))
+
+
 def step_display(metrics: dict[str, float], objective: str) -> dict[str, str]:
     """A step's metrics as shown on the progress bar or its log line (the loss terms the objective has)."""
     shown = {"loss": f"{metrics['loss']:.4f}"}
     if objective == "joint":
         shown.update(AR=f"{metrics['ar_loss']:.4f}", diffusion=f"{metrics['dlm_loss']:.4f}")
+    elif objective == "drafter":  # its ar_loss is the CE of the drafts against the true tokens
+        shown.update({"draft CE": f"{metrics['ar_loss']:.4f}"})
     shown.update({"lr": f"{metrics['lr']:.2e}", "grad norm": f"{metrics['grad_norm']:.3f}",
                   "tokens/s": f"{metrics['tokens_per_s']:,.0f}"})
     return shown

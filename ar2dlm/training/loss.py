@@ -3,7 +3,8 @@
 The model computes per-token CE (Megatron's vocab-parallel CE given labels); this module turns
 it into sums and token counts that add over micro-batches and data-parallel ranks:
 
-    loss = sum(w_dlm * dlm_sum + w_ar * ar_sum) / sum(num_tokens)
+    loss = sum(w_dlm * dlm_sum + w_ar * ar_sum) / sum(num_tokens)            (normalization "shared")
+    loss = w_dlm * sum(dlm_sum) / sum(dlm_tokens) + w_ar * sum(ar_sum) / sum(ar_tokens)   ("per_term")
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-OBJECTIVES = ("ar", "joint", "diffusion")
+OBJECTIVES = ("ar", "joint", "diffusion", "drafter")  # drafter: training/drafter.py
+NORMALIZATIONS = ("shared", "per_term")  # one denominator for both terms (Megatron-Bridge) | a mean per term (NeMo)
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,14 @@ class ObjectiveWeights:
 
 
 def objective_weights(objective: str, dlm_weight: float = 0.3, ar_weight: float = 1.0) -> ObjectiveWeights:
-    """Map "ar" | "joint" | "diffusion" to (w_dlm, w_ar); the weights of unused terms become 0."""
+    """Map "ar" | "joint" | "diffusion" to (w_dlm, w_ar); the weights of unused terms become 0.
+
+    "drafter" reads ``[x_d ; x_0]`` like a diffusion objective and has one loss (its own, weight 1: the
+    ``drafter.*`` settings weigh its parts), so it is (1, 0) whatever the diffusion weights."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "drafter":
+        return ObjectiveWeights(dlm=1.0, ar=0.0)
     for name, w in (("dlm_weight", dlm_weight), ("ar_weight", ar_weight)):
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {w}")
@@ -86,6 +93,11 @@ class LossParts:
     ar_tokens: Tensor  # number of AR targets
     dlm_weight: float = 0.3
     ar_weight: float = 1.0
+    normalization: str = "shared"  # see NORMALIZATIONS
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"loss normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 
     @property
     def loss_sum(self) -> Tensor:
@@ -102,10 +114,34 @@ class LossParts:
             n = n + self.ar_tokens
         return n
 
+    @property
+    def term_tokens(self) -> Tensor:
+        """[dlm_tokens, ar_tokens]: the denominators of the "per_term" normalization."""
+        return torch.stack([self.dlm_tokens, self.ar_tokens])
+
     def loss(self, num_tokens: Tensor | None = None) -> Tensor:
-        """loss_sum / num_tokens; pass a global (all-reduced) count to normalise a local sum."""
-        n = self.num_tokens if num_tokens is None else num_tokens
-        return self.loss_sum / n.clamp(min=1)
+        """The loss of these parts; pass the global (all-reduced) denominator to normalise a local sum: a count
+        (``shared``: loss_sum / num_tokens) or the two counts [dlm, ar] (``per_term``: a mean per term)."""
+        if self.normalization == "shared":
+            n = self.num_tokens if num_tokens is None else num_tokens
+            return self.loss_sum / n.clamp(min=1)
+        dlm_n, ar_n = (self.term_tokens if num_tokens is None else num_tokens).clamp(min=1).unbind(0)
+        return self.dlm_weight * self.dlm_sum / dlm_n + self.ar_weight * self.ar_sum / ar_n
+
+    def scaled(self, denominator: Tensor) -> Tensor:
+        """The differentiable share of these (local) parts in the loss of a step whose global denominator is
+        ``denominator`` (see :meth:`loss`); summed over every micro-batch and rank it is the step's loss."""
+        if self.normalization == "shared":
+            return self.loss_sum / denominator.to(self.loss_sum.dtype)
+        dlm_n, ar_n = denominator.to(self.dlm_sum.dtype).clamp(min=1).unbind(0)
+        return self.dlm_weight * self.dlm_sum / dlm_n + self.ar_weight * self.ar_sum / ar_n
+
+    def step_loss(self, denominator: Tensor) -> float:
+        """The loss of (all-reduced) parts under the step's denominator, as a Python float."""
+        if self.normalization == "shared":
+            return float(self.loss_sum) / float(denominator)
+        dlm_n, ar_n = (float(n) for n in denominator.clamp(min=1))
+        return self.dlm_weight * float(self.dlm_sum) / dlm_n + self.ar_weight * float(self.ar_sum) / ar_n
 
     @property
     def dlm_loss(self) -> Tensor:
@@ -120,8 +156,9 @@ class LossParts:
     def __add__(self, other: LossParts) -> LossParts:
         if not isinstance(other, LossParts):
             return NotImplemented
-        if (self.dlm_weight, self.ar_weight) != (other.dlm_weight, other.ar_weight):
-            raise ValueError("cannot add LossParts with different loss weights")
+        if (self.dlm_weight, self.ar_weight, self.normalization) != (
+                other.dlm_weight, other.ar_weight, other.normalization):
+            raise ValueError("cannot add LossParts with different loss weights or normalizations")
         return replace(
             self,
             dlm_sum=self.dlm_sum + other.dlm_sum,

@@ -8,6 +8,7 @@ runs the config's ``finalize_model_grads_func`` (see :mod:`ar2dlm.training.data_
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -25,7 +26,9 @@ def forward_backward(model_chunks: list, batches: list[PreparedBatch], settings:
     """Run ``batches`` (this rank's micro-batches) and return the loss parts summed over all ranks.
 
     Each micro-batch's backward uses ``loss_sum / global_tokens`` (the token count of the whole step
-    across data-parallel ranks), so the accumulated gradient is that of the global token average.
+    across data-parallel ranks), so the accumulated gradient is that of the global token average. With
+    per-term normalization ``global_tokens`` is the pair of global counts [masked positions, AR targets]
+    (see :meth:`LossParts.scaled`).
     Every rank gets the reduced parts: the last pipeline stage computes them and shares them.
     """
     if not forward_only and global_tokens is None:
@@ -36,7 +39,7 @@ def forward_backward(model_chunks: list, batches: list[PreparedBatch], settings:
     def loss_func(batch: PreparedBatch, output: torch.Tensor):
         parts = loss_parts(output, batch, settings, device)
         collected.append(_detached(parts))
-        scaled = parts.loss_sum / (global_tokens.to(parts.loss_sum.dtype) if global_tokens is not None else 1.0)
+        scaled = parts.scaled(global_tokens) if global_tokens is not None else parts.loss_sum / 1.0
         return scaled, torch.zeros((), dtype=torch.int), {}
 
     def forward_step(data_iterator, model):
@@ -54,14 +57,14 @@ def forward_backward(model_chunks: list, batches: list[PreparedBatch], settings:
 
 
 def _detached(parts: LossParts) -> LossParts:
-    return LossParts(parts.dlm_sum.detach(), parts.dlm_tokens, parts.ar_sum.detach(), parts.ar_tokens,
-                     parts.dlm_weight, parts.ar_weight)
+    return replace(parts, dlm_sum=parts.dlm_sum.detach(), ar_sum=parts.ar_sum.detach())
 
 
 def _share_from_last_stage(collected: list[LossParts], settings: ObjectiveSettings, device) -> LossParts:
     """Sum over micro-batches, pipeline stages (only the last has losses) and data x context ranks."""
     zero = torch.zeros((), device=device)
-    total = sum(collected, LossParts(zero, zero.long(), zero, zero.long(), settings.weights.dlm, settings.weights.ar))
+    total = sum(collected, LossParts(zero, zero.long(), zero, zero.long(), settings.weights.dlm, settings.weights.ar,
+                                     settings.normalization))
     if not dist.is_initialized():
         return total
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,92 @@ def test_all_reduce_sums_over_ranks() -> None:
         torch.testing.assert_close(res["ar_sum"], expected.ar_sum)
         assert res["dlm_tokens"].item() == expected.dlm_tokens.item()
         assert res["ar_tokens"].item() == expected.ar_tokens.item()
+
+
+def _per_term(parts: LossParts) -> LossParts:
+    return replace(parts, normalization="per_term")
+
+
+def test_per_term_normalization_hand_computed() -> None:
+    # dlm mean = 32 / 4 = 8;  AR mean = 2.1 / 6 = 0.35;  loss = 0.3 * 8 + 1.0 * 0.35 = 2.75 (shared: 1.17)
+    parts = _per_term(compute_loss_parts(**_tiny(), dlm_weight=0.3, ar_weight=1.0))
+    assert parts.loss().item() == pytest.approx(2.75)
+    assert parts.step_loss(parts.term_tokens.double()) == pytest.approx(2.75)
+    assert parts.scaled(parts.term_tokens.double()).item() == pytest.approx(2.75)
+    assert parts.metrics()["loss"] == pytest.approx(2.75)
+    assert replace(parts, normalization="shared").loss().item() == pytest.approx(1.17)
+    with pytest.raises(ValueError, match="normalization"):
+        replace(parts, normalization="mean")
+    with pytest.raises(ValueError, match="normalizations"):
+        _ = parts + compute_loss_parts(**_tiny())  # shared + per_term
+
+
+def _two_micro_batches(requires_grad: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Micro-batch A: 1 masked token (CE 2, weight 2), 3 AR targets (CE 0.1, 0.2, 0.3);
+    micro-batch B: 3 masked tokens (CE 1, weight 4), 1 AR target (CE 0.5)."""
+    a = {"dlm_ce": torch.tensor([[2.0, 7.0, 7.0, 7.0]]), "ar_ce": torch.tensor([[0.1, 0.2, 0.3, 9.0]]),
+         "masked": torch.tensor([[True, False, False, False]]), "weight": torch.tensor([[2.0, 0.0, 0.0, 0.0]]),
+         "ar_mask": torch.tensor([[True, True, True, False]])}
+    b = {"dlm_ce": torch.tensor([[1.0, 1.0, 1.0, 5.0]]), "ar_ce": torch.tensor([[0.5, 9.0, 9.0, 9.0]]),
+         "masked": torch.tensor([[True, True, True, False]]), "weight": torch.tensor([[4.0, 4.0, 4.0, 0.0]]),
+         "ar_mask": torch.tensor([[True, False, False, False]])}
+    for batch in (a, b):
+        batch["dlm_ce"].requires_grad_(requires_grad)
+    return [a, b]
+
+
+def test_per_term_normalization_over_two_micro_batches() -> None:
+    # dlm: (2*2 + 3*1*4) / (1 + 3) = 16 / 4 = 4;  AR: (0.6 + 0.5) / (3 + 1) = 0.275;  loss = 0.3 * 4 + 0.275 = 1.475
+    # (shared: (0.3 * 16 + 1.1) / 8 = 0.7375; the mean of the micro-batches' own per-term losses: 1.55)
+    batches = _two_micro_batches(requires_grad=True)
+    micro = [_per_term(compute_loss_parts(**batch)) for batch in batches]
+    total = sum(micro)
+    denominator = torch.stack([p.term_tokens for p in micro]).sum(dim=0).double()  # counts summed, then divided
+    assert denominator.tolist() == [4.0, 4.0]
+    assert total.loss().item() == pytest.approx(1.475)
+    assert total.step_loss(denominator) == pytest.approx(1.475)
+    assert replace(total, normalization="shared").loss().item() == pytest.approx(0.7375)
+    assert sum(p.loss().item() for p in micro) / 2 == pytest.approx(1.55)
+    scaled = [p.scaled(denominator) for p in micro]  # what each micro-batch's backward uses
+    assert sum(s.item() for s in scaled) == pytest.approx(1.475)
+    sum(scaled).backward()
+    # d loss / d ce_i = w_dlm * weight_i / (global masked count) = 0.3 * weight_i / 4 on masked positions
+    for batch in batches:
+        torch.testing.assert_close(batch["dlm_ce"].grad, 0.3 * batch["weight"] / 4)
+
+
+def test_per_term_step_gradient_through_the_schedule(wrapped_model) -> None:
+    """megatron-core's schedule with per-term normalization: the gradient of w_dlm * dlm mean + w_ar * AR mean
+    over the whole step (three micro-batches), and the reduced loss of that formula."""
+    from ar2dlm.data.loader import Batch
+    from ar2dlm.training.forward import ObjectiveSettings, forward_loss, prepare_batch
+    from ar2dlm.training.noise import NoiseConfig
+    from ar2dlm.training.schedule import forward_backward
+
+    settings = ObjectiveSettings(objective_weights("joint"), NoiseConfig(mask_token_id=127, block_size=4), "causal",
+                                 "sdpa", seed=3, pad_id=0, normalization="per_term")
+    generator = torch.Generator().manual_seed(0)
+    prepared = []
+    for index in range(3):
+        ids = torch.randint(1, 120, (2, 16), generator=generator)
+        loss_mask = torch.rand(2, 16, generator=generator) < 0.7
+        prepared.append(prepare_batch(Batch(ids, loss_mask, None, torch.tensor([2 * index, 2 * index + 1])), 1,
+                                      settings))
+    denominator = torch.stack([p.term_tokens for p in prepared]).sum(dim=0)
+    wrapped_model[0].zero_grad_buffer()
+    reduced = forward_backward(wrapped_model, prepared, settings, denominator)
+    scheduled = {n: p.grad.clone() for n, p in wrapped_model[0].module.named_parameters() if p.grad is not None}
+
+    model = wrapped_model[0].module
+    model.zero_grad(set_to_none=True)
+    parts = [forward_loss(model, p, settings) for p in prepared]
+    dlm_sum, ar_sum = sum(p.dlm_sum for p in parts), sum(p.ar_sum for p in parts)
+    expected = 0.3 * dlm_sum / denominator[0].float() + 1.0 * ar_sum / denominator[1].float()
+    expected.backward()
+    direct = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert scheduled.keys() == direct.keys() and len(direct) > 0
+    for name in direct:
+        torch.testing.assert_close(scheduled[name], direct[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert reduced.normalization == "per_term"
+    assert reduced.step_loss(denominator) == pytest.approx(expected.item(), rel=1e-5)
+    assert reduced.loss().item() == pytest.approx(expected.item(), rel=1e-5)

@@ -79,3 +79,21 @@ def test_checkpoint_from_two_processes_resumes_in_one(setup, layout):
     setup(2, "run", "train.steps=2", "checkpoint.save_interval=2", *layout)
     resumed = setup(1, "run", "train.steps=4", "train.micro_batch_size=2", "resume=true")
     _assert_same_curve(resumed[2:], reference[2:])
+
+
+LEVERS = ["diffusion.complementary_masking=true", "diffusion.random_block_prob=0.5", "diffusion.noise_schedule=position",
+          "diffusion.loss_normalization=per_term"]
+
+
+@pytest.mark.parametrize("setup, layout", [
+    pytest.param(LLAMA, ["train.micro_batch_size=1"], id="dp2"),
+    pytest.param(LLAMA, ["parallel.context=2"], id="cp2", marks=MULTIPROCESS),
+], indirect=["setup"])
+def test_the_training_levers_give_the_single_process_curve(setup, layout):
+    """docs/design.md §2.7: complementary pairs and drawn block sizes depend only on (seed, sample, step), and the
+    per-term counts are summed over data- and context-parallel ranks before dividing."""
+    common = ["train.steps=3", "train.micro_batch_size=2", "checkpoint.save_interval=0", *LEVERS]
+    one = setup(1, "one", *common)
+    many = setup(2, "many", *common, *layout)
+    _assert_same_curve(one, many)
+    assert [r["block_size"] for r in one] == [r["block_size"] for r in many]

@@ -1,0 +1,131 @@
+"""The drafter objective: a LoRA trained so that draft passes agree with the verifier (docs/design.md §4.7).
+
+Input: the doubled sequence ``[x_d ; x_0]`` under the ``doubled_causal`` mask, where x_d is a draft stream:
+every block (counted from its document's start, as in diffusion training) is ``[seed, MASK, ..., MASK]``, the
+seed being the block's first clean token. The adapters act on the draft stream only (``noisy_stream`` mode of
+:mod:`ar2dlm.model.lora`), so one forward gives both distributions the loss needs:
+
+- the verifier's, p_j: the clean-stream logit at j-1, i.e. the causal AR pass of the frozen model with the
+  adapter off (the clean stream never reads the draft stream, and no adapter acts on it); detached;
+- the drafter's, q_j: the draft-stream logit at j (unshifted, as diffusion logits are), computed with the
+  adapter on, reading a clean causal prefix written without it, as at inference.
+
+Per draft position j (every position but a block's seed, in the loss mask):
+
+    L_j = lambda_j KL(p_j^T || q_j^T) + (1 - lambda_j) TV(p_j^T, q_j^T) + ce_weight CE(q_j, x_0[j])
+
+p^T, q^T: softmax of logits / T restricted to the union of the top-K tokens of p and of q, renormalised there.
+lambda_j = exp(-0.5 sg[alpha_j]), alpha_j = the product over the earlier draft positions k of j's block of
+a_k = sum_x min(p_k(x), q_k(x)) (T = 1, full vocabulary): the chance that a speculative verifier accepts every
+draft before j. The loss is the sum of L_j over the step's draft positions divided by their number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ar2dlm.training.loss import LossParts, split_doubled
+from ar2dlm.training.noise import block_layout
+
+LAMBDA_SCALE = 0.5  # lambda_j = exp(-LAMBDA_SCALE * alpha_j)
+
+
+@dataclass(frozen=True)
+class DrafterLossConfig:
+    temperature: float = 3.0  # softening of p and q in the KL / TV terms
+    top_k: int = 200  # tokens of each distribution kept in the KL / TV terms
+    ce_weight: float = 1.0  # weight of the CE term against the true token (the KL / TV mix has weight 1)
+
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not (self.ce_weight >= 0 and math.isfinite(self.ce_weight)):
+            raise ValueError(f"ce_weight must be finite and >= 0, got {self.ce_weight}")
+
+
+def draft_stream(x0: Tensor, loss_mask: Tensor, document_ids: Tensor | None, block_size: int,
+                 mask_token_id: int) -> tuple[Tensor, Tensor]:
+    """(draft-stream ids [B, L], scored [B, L] bool): each block's seed kept, the rest masked; a position is
+    scored when it is not a seed and is in the loss mask."""
+    _, in_block = block_layout(tuple(x0.shape), block_size, document_ids)
+    seed = in_block == 0
+    draft_ids = torch.where(seed, x0, torch.full_like(x0, mask_token_id))
+    return draft_ids, ~seed & loss_mask.bool()
+
+
+def acceptance_prefix(accept: Tensor, scored: Tensor, in_block: Tensor) -> Tensor:
+    """alpha [B, L]: the product of ``accept`` over the scored positions of the same block before each position
+    (1 at the first draft position of a block)."""
+    log_a = torch.where(scored, accept.double().clamp(min=1e-30).log(), torch.zeros((), dtype=torch.float64,
+                                                                                      device=accept.device))
+    before = log_a.cumsum(dim=1) - log_a
+    position = torch.arange(accept.shape[1], device=accept.device).expand_as(before)
+    start = (position - in_block.to(accept.device)).clamp(min=0)
+    return (before - before.gather(1, start)).exp().to(accept.dtype)
+
+
+def position_losses(draft_logits: Tensor, target_logits: Tensor, targets: Tensor, alpha: Tensor,
+                    config: DrafterLossConfig) -> tuple[Tensor, Tensor]:
+    """(L_j, CE_j) [N] of N draft positions from draft logits q, verifier logits p (both [N, V]), the true tokens
+    [N] and the acceptance estimates alpha [N] (detached here)."""
+    draft_logits = draft_logits.float()
+    target_logits = target_logits.detach().float()
+    k = min(config.top_k, draft_logits.shape[-1])
+    kept = torch.zeros_like(draft_logits, dtype=torch.bool)
+    kept.scatter_(1, target_logits.topk(k, dim=-1).indices, True)
+    kept.scatter_(1, draft_logits.detach().topk(k, dim=-1).indices, True)
+    t = config.temperature
+    log_p = torch.log_softmax(target_logits.div(t).masked_fill(~kept, float("-inf")), dim=-1)
+    log_q = torch.log_softmax(draft_logits.div(t).masked_fill(~kept, float("-inf")), dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    kl = torch.where(kept, p * (log_p - log_q), 0.0).sum(dim=-1)
+    tv = 0.5 * (p - q).abs().sum(dim=-1)
+    lam = torch.exp(-LAMBDA_SCALE * alpha.detach().float())
+    ce = F.cross_entropy(draft_logits, targets, reduction="none")
+    return lam * kl + (1 - lam) * tv + config.ce_weight * ce, ce
+
+
+def acceptance(draft_logits: Tensor, target_logits: Tensor) -> Tensor:
+    """sum_x min(p(x), q(x)) at temperature 1 over the whole vocabulary, detached: [..., V] -> [...]."""
+    with torch.no_grad():
+        p = torch.softmax(target_logits.float(), dim=-1)
+        q = torch.softmax(draft_logits.float(), dim=-1)
+        return torch.minimum(p, q).sum(dim=-1)
+
+
+def full_vocabulary(logits: Tensor) -> Tensor:
+    """Vocabulary-parallel logits [..., V / TP] gathered into [..., V] (the backward keeps each rank's slice)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not parallel_state.model_parallel_is_initialized() or \
+            parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return logits
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+
+
+def drafter_loss_parts(logits: Tensor, x0: Tensor, scored: Tensor, in_block: Tensor,
+                       config: DrafterLossConfig) -> LossParts:
+    """Loss parts of a drafter micro-batch from the model's logits [B, 2L, V (/ TP)] of ``[x_d ; x_0]``.
+
+    ``dlm_sum`` is the sum of L_j (the loss; weight 1), ``ar_sum`` the sum of the CE term alone (reported as
+    the draft CE; weight 0), both over the ``dlm_tokens`` = ``ar_tokens`` scored positions.
+    """
+    draft, clean = split_doubled(full_vocabulary(logits))
+    device = draft.device
+    scored, x0, in_block = scored.to(device), x0.to(device), in_block.to(device)
+    # position j of the draft stream against the clean stream's prediction at j-1 (position 0 is a seed)
+    draft, target, shifted_scored = draft[:, 1:], clean[:, :-1], scored[:, 1:]
+    accept = torch.ones(x0.shape, dtype=torch.float32, device=device)
+    accept[:, 1:][shifted_scored] = acceptance(draft[shifted_scored], target[shifted_scored])
+    alpha = acceptance_prefix(accept, scored, in_block)[:, 1:]
+    losses, ce = position_losses(draft[shifted_scored], target[shifted_scored], x0[:, 1:][shifted_scored],
+                                 alpha[shifted_scored], config)
+    count = scored.sum()
+    return LossParts(losses.sum(), count, ce.sum(), count, dlm_weight=1.0, ar_weight=0.0)

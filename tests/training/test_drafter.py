@@ -1,0 +1,131 @@
+"""The drafter objective's input and loss (ar2dlm/training/drafter.py) against hand-computed cases."""
+
+import math
+
+import torch
+
+from ar2dlm.data.loader import Batch
+from ar2dlm.model.gpt import build_model
+from ar2dlm.model.lora import LoraSettings, add_lora, set_adapter_mode
+from ar2dlm.training.drafter import (
+    DrafterLossConfig,
+    acceptance,
+    acceptance_prefix,
+    draft_stream,
+    drafter_loss_parts,
+    position_losses,
+)
+from ar2dlm.training.forward import ObjectiveSettings, forward_loss, prepare_batch
+from ar2dlm.training.loss import objective_weights
+from ar2dlm.training.noise import NoiseConfig, block_layout
+
+MASK = 99
+
+
+def test_draft_stream_keeps_each_blocks_seed_and_scores_the_rest():
+    x0 = torch.arange(10, 20).unsqueeze(0)
+    loss_mask = torch.ones_like(x0, dtype=torch.bool)
+    loss_mask[0, 1] = False  # a prompt token: drafted over, not scored
+    documents = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])  # blocks restart at the second document
+    ids, scored = draft_stream(x0, loss_mask, documents, 4, MASK)
+    assert ids.tolist() == [[10, MASK, MASK, MASK, 14, 15, MASK, MASK, MASK, 19]]
+    assert scored.tolist() == [[False, False, True, True, False, False, True, True, True, False]]
+
+
+def test_acceptance_prefix_is_the_product_over_earlier_drafts_of_the_block():
+    accept = torch.tensor([[1.0, 0.5, 0.4, 0.9, 1.0, 0.8, 0.3, 0.7]])
+    scored = torch.tensor([[False, True, True, True, False, True, True, True]])
+    _, in_block = block_layout((1, 8), 4)
+    alpha = acceptance_prefix(accept, scored, in_block)
+    torch.testing.assert_close(alpha, torch.tensor([[1.0, 1.0, 0.5, 0.2, 1.0, 1.0, 0.8, 0.24]]))
+
+
+def _softmax(values, t=1.0):
+    exps = [math.exp(v / t) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def test_position_loss_value_by_hand_with_top_k_truncation():
+    """V = 3, top-1 of p is token 0 and of q token 2: the KL / TV terms run over {0, 2}, renormalised."""
+    p_logits, q_logits, t, alpha = [2.0, 1.0, 0.0], [0.0, 1.0, 2.0], 2.0, 0.6
+    config = DrafterLossConfig(temperature=t, top_k=1, ce_weight=0.5)
+    losses, ce = position_losses(torch.tensor([q_logits]), torch.tensor([p_logits]), torch.tensor([1]),
+                                 torch.tensor([alpha]), config)
+    p = _softmax([p_logits[0], p_logits[2]], t)
+    q = _softmax([q_logits[0], q_logits[2]], t)
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    tv = 0.5 * sum(abs(pi - qi) for pi, qi in zip(p, q, strict=True))
+    cross_entropy = -math.log(_softmax(q_logits)[1])
+    lam = math.exp(-0.5 * alpha)
+    assert math.isclose(ce.item(), cross_entropy, rel_tol=1e-6)
+    assert math.isclose(losses.item(), lam * kl + (1 - lam) * tv + 0.5 * cross_entropy, rel_tol=1e-6)
+
+
+def test_position_loss_gradient_by_hand():
+    """Full support (top_k >= V): dKL/dz = (q_T - p_T) / T, dTV/dz_k = -(s_k q_k - q_k sum_i s_i q_i) / (2T) with
+    s = sign(p_T - q_T), dCE/dz = softmax(z) - onehot; nothing flows to the verifier's logits."""
+    t, alpha, target = 3.0, 0.3, 2
+    z = torch.tensor([[0.3, -1.0, 2.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[1.0, 0.2, -0.4, 0.0]], dtype=torch.float64, requires_grad=True)
+    losses, _ = position_losses(z, y, torch.tensor([target]), torch.tensor([alpha]),
+                                DrafterLossConfig(temperature=t, top_k=10, ce_weight=1.0))
+    losses.sum().backward()
+    q_t = torch.softmax(z.detach() / t, dim=-1)
+    p_t = torch.softmax(y.detach() / t, dim=-1)
+    sign = torch.sign(p_t - q_t)
+    lam = math.exp(-0.5 * alpha)
+    d_kl = (q_t - p_t) / t
+    d_tv = -(sign * q_t - q_t * (sign * q_t).sum()) / (2 * t)
+    d_ce = torch.softmax(z.detach(), dim=-1) - torch.nn.functional.one_hot(torch.tensor([target]), 4)
+    expected = lam * d_kl + (1 - lam) * d_tv + d_ce
+    torch.testing.assert_close(z.grad.float(), expected.float(), rtol=1e-5, atol=1e-6)
+    assert y.grad is None or not y.grad.any()
+
+
+def test_acceptance_is_the_overlap_of_the_distributions():
+    p = torch.tensor([[0.0, 0.0]])
+    q = torch.tensor([[math.log(3.0), 0.0]])  # q = (0.75, 0.25), p = (0.5, 0.5)
+    torch.testing.assert_close(acceptance(q, p), torch.tensor([0.75]))
+
+
+def _settings() -> ObjectiveSettings:
+    return ObjectiveSettings(objective_weights("drafter"), NoiseConfig(mask_token_id=127, block_size=4), "causal",
+                             "sdpa", seed=7, pad_id=0, drafter=DrafterLossConfig(top_k=20))
+
+
+def _batch() -> Batch:
+    ids = torch.randint(1, 120, (2, 16), generator=torch.Generator().manual_seed(3))
+    loss_mask = torch.ones_like(ids, dtype=torch.bool)
+    loss_mask[0, :3] = False
+    return Batch(ids, loss_mask, None, torch.tensor([10, 11]))
+
+
+def test_zero_init_drafter_logits_equal_the_base_models(tiny_provider):
+    """The drafter's doubled forward at step 0 is the base model's, so its loss is the base model's too."""
+    torch.manual_seed(0)
+    chunks = build_model(tiny_provider)
+    model = chunks[0].eval()
+    settings, batch = _settings(), _batch()
+    prepared = prepare_batch(batch, step=1, settings=settings)
+    assert prepared.labels is None and prepared.layout.layout == "doubled_causal"
+    with torch.no_grad():
+        base = model(prepared.input_ids, None, prepared.layout)
+        base_parts = forward_loss(model, prepared, settings)
+    add_lora(chunks, LoraSettings(rank=4, alpha=8))
+    set_adapter_mode(chunks, "noisy_stream")
+    with torch.no_grad():
+        drafted = model(prepared.input_ids, None, prepared.layout)
+        parts = forward_loss(model, prepared, settings)
+    assert torch.equal(drafted, base)
+    assert torch.equal(parts.dlm_sum, base_parts.dlm_sum)
+    # the parts are the loss of the scored positions: draft logit j against the clean logit at j-1
+    _, in_block = block_layout((2, 16), 4)
+    manual = drafter_loss_parts(base, batch.input_ids, prepared.noise.masked, in_block, settings.drafter)
+    torch.testing.assert_close(parts.dlm_sum, manual.dlm_sum)
+    scored = prepared.noise.masked
+    assert int(parts.dlm_tokens) == int(scored.sum()) == 2 * 12 - 2  # 3 drafts per block, the prompt's 2 skipped
+    draft, clean = base[:, :16], base[:, 16:]
+    ce = torch.nn.functional.cross_entropy(draft[:, 1:][scored[:, 1:]], batch.input_ids[:, 1:][scored[:, 1:]],
+                                           reduction="sum")
+    torch.testing.assert_close(parts.ar_sum, ce)
+    assert parts.loss().item() > 0 and torch.isfinite(clean).all()
