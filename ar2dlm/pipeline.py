@@ -5,8 +5,10 @@
                 for a pretrained model)
     2. convert  HF -> ar2dlm checkpoint (mask token chosen, exact at step 0)
     3. train    joint AR + diffusion training
-    4. export   HF folder with the tri-mode runtime
-    5. eval     the source in AR mode and the export in all three modes on held-out prompts
+    4. drafter  (drafter_stage.steps > 0) the self-speculation drafter LoRA, train.objective=drafter, from the joint
+                stage's last checkpoint; the base model stays frozen
+    5. export   HF folder with the tri-mode runtime (and the drafter as linear_spec_lora/)
+    6. eval     the source in AR mode and the export in every mode of ``eval.modes`` on held-out prompts
 
 Everything lands in OUTPUT/; OUTPUT/report.md, report.json and accuracy_vs_tpf.png hold the result.
 """
@@ -28,7 +30,7 @@ from ar2dlm.errors import UserError
 from ar2dlm.fs import check_output_dir
 from ar2dlm.log import logger
 
-STAGES = ("source", "convert", "train", "export", "eval")
+STAGES = ("source", "convert", "train", "drafter", "export", "eval")
 
 
 class StageClock:
@@ -96,6 +98,20 @@ def _source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
     return _demo_source(cfg, output, corpus)
 
 
+def _drafter(cfg: DictConfig, joint_checkpoint: Path, output: Path) -> Path:
+    """The drafter stage: its last checkpoint (the joint one when drafter_stage.steps is 0)."""
+    from ar2dlm.training.loop import Trainer
+
+    stage = cfg.drafter_stage
+    if stage.steps == 0:
+        logger.info("no drafter stage (drafter_stage.steps=0)")
+        return joint_checkpoint
+    train = {**OmegaConf.to_container(cfg.train), "objective": "drafter", "steps": stage.steps}
+    Trainer(_train_config(cfg, init=joint_checkpoint, output=output, train=train,
+                          optim=OmegaConf.to_container(stage.optim))).fit()
+    return sorted((output / "checkpoints").glob("step_*"))[-1]
+
+
 def _evaluate(model_dir: Path, examples: list, settings, output: Path, *, export: bool = True,
               **config_defaults) -> dict:
     """Evaluate ``model_dir`` with this ar2dlm's runtime classes (the folder's own code never runs);
@@ -121,10 +137,14 @@ def eval_settings(cfg: DictConfig):
     """The eval stage's :class:`~ar2dlm.eval.run.EvalSettings` from a run config (also used by
     benchmarks/demo_seeds.py, so that its evaluations match the demo's)."""
     from ar2dlm.eval.run import EvalSettings
+    from ar2dlm.generation.modes import diffusion_levers
 
-    return EvalSettings(thresholds=tuple(cfg.eval.thresholds), block_lengths=(cfg.eval.block_length,),
-                        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                        seed=cfg.seed, elbo_draws=cfg.eval.elbo_draws, decode_alone=cfg.eval.decode_alone)
+    block_lengths = tuple(cfg.eval.get("block_lengths") or [cfg.eval.block_length])
+    return EvalSettings(modes=tuple(cfg.eval.modes), thresholds=tuple(cfg.eval.thresholds),
+                        block_lengths=block_lengths, max_new_tokens=cfg.eval.max_new_tokens,
+                        batch_size=cfg.eval.batch_size, seed=cfg.seed, elbo_draws=cfg.eval.elbo_draws,
+                        decode_alone=cfg.eval.decode_alone, levers=diffusion_levers(cfg.eval),
+                        draft_length=cfg.eval.get("draft_length"), use_drafter=cfg.eval.get("use_drafter"))
 
 
 def run_pipeline(cfg: DictConfig) -> int:
@@ -156,8 +176,10 @@ def run_pipeline(cfg: DictConfig) -> int:
                            block_size=cfg.diffusion.block_size)
     with clock.stage("train", f"objective={cfg.train.objective}, {cfg.train.steps} steps"):
         history = Trainer(_train_config(cfg, init=output / "converted", output=output / "train")).fit()
+    joint = sorted((output / "train" / "checkpoints").glob("step_*"))[-1]
+    with clock.stage("drafter", f"objective=drafter, {cfg.drafter_stage.steps} steps"):
+        final = _drafter(cfg, joint, output / "drafter")
     with clock.stage("export"):
-        final = sorted((output / "train" / "checkpoints").glob("step_*"))[-1]
         exported = export(final, output / "model")
     with clock.stage("eval", f"{cfg.demo.eval_examples} held-out prompts"):
         examples = read_jsonl(eval_corpus)

@@ -24,6 +24,8 @@ def _line(model: str, result: dict, perplexity: float | None = None) -> dict:
     setting = "" if mode == "ar" else f"B={result['block_length']}"
     if mode == "quad_spec" and result.get("draft_length"):
         setting += f" k={result['draft_length']}"
+    if result.get("drafter"):
+        setting += " +drafter"
     if mode == "diffusion":
         setting += f" t={result['threshold']:g}"
     interval = accuracy_interval(result)
@@ -75,9 +77,10 @@ def write_run_report(output: Path, cfg: DictConfig, source: dict, model: dict, h
     ratio = f"{summary['perplexity_ratio']:.3f}" if summary["perplexity_ratio"] else "-"
     notes = ["accuracy: exact match over the held-out prompts, with its 95% Wilson score interval",
              f"stage wall times: {times} (total {summary['total_seconds']:.0f}s)",
-             f"self-speculation identical to AR greedy on {lossless['identical']}/{lossless['examples']} prompts"
+             f"self-speculation identical to AR greedy on {lossless['identical']}/{lossless['examples']} decodings"
              + (f", quadratic on {quad_lossless['identical']}/{quad_lossless['examples']}"
-                if quad_lossless["examples"] else "") + f"; perplexity ratio trained/source {ratio}"]
+                if quad_lossless["examples"] else "") + f" (every prompt in every setting); perplexity ratio "
+             f"trained/source {ratio}"]
     if any(result.get("nfe_basis") == "batch" for result in model["results"]):
         notes.append("diffusion / self-speculation NFE: that of each prompt's batch (an upper bound); "
                      "eval.decode_alone=true measures each prompt alone")

@@ -109,7 +109,7 @@ def overhead_rows(model, block_length: int, max_new_tokens: int, reps: int) -> l
     ids = torch.randint(model.config.vocab_size - 1, (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
     rows = []
     for mode in ("ar", "diffusion", "self_spec", "quad_spec"):
-        def call():
+        def call(mode=mode):
             return decode(model, mode, ids, max_new_tokens, block_length=block_length, threshold=0.9)
 
         call()

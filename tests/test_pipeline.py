@@ -11,6 +11,7 @@ def test_shortened_demo_runs_every_stage_and_reports(tmp_path, megatron_ready, c
     cfg = compose_stage("run", [
         "recipe=demo", f"output={output}", "demo.train_examples=400", "demo.eval_examples=12",
         "source_model.train.steps=6", "train.steps=6", "eval.thresholds=[0.5,0.9]", "eval.elbo_draws=1",
+        "drafter_stage.steps=3",
     ])
     assert run_pipeline(cfg) == 0
     report = json.loads((output / "report.json").read_text())
@@ -18,9 +19,12 @@ def test_shortened_demo_runs_every_stage_and_reports(tmp_path, megatron_ready, c
     modes = [(line["model"], line["mode"], line["setting"]) for line in report["table"]]
     assert modes == [("source", "ar", ""), ("ar2dlm", "ar", ""), ("ar2dlm", "diffusion", "B=16 t=0.5"),
                      ("ar2dlm", "diffusion", "B=16 t=0.9"), ("ar2dlm", "self_spec", "B=16"),
-                     ("ar2dlm", "quad_spec", "B=16")]
-    assert report["self_spec_vs_ar"] == {"identical": 12, "examples": 12}  # lossless on every prompt
-    assert report["quad_spec_vs_ar"] == {"identical": 12, "examples": 12}
+                     ("ar2dlm", "quad_spec", "B=16"), ("ar2dlm", "self_spec", "B=16 +drafter"),
+                     ("ar2dlm", "quad_spec", "B=16 +drafter")]
+    assert (output / "model" / "linear_spec_lora" / "adapter_model.safetensors").is_file()
+    # lossless on every prompt, with and without the drafter
+    assert report["self_spec_vs_ar"] == {"identical": 24, "examples": 24}
+    assert report["quad_spec_vs_ar"] == {"identical": 24, "examples": 24}
     assert all(line["tokens_per_forward"] > 0 for line in report["table"])
     for line in report["table"]:  # every accuracy carries its prompt count and 95% interval
         low, high = line["accuracy_interval"]
@@ -33,7 +37,7 @@ def test_shortened_demo_runs_every_stage_and_reports(tmp_path, megatron_ready, c
     header = max(i for i, line in enumerate(printed) if line.startswith("| model | mode |"))
     assert len(printed) - header == 2 + len(report["table"]) + 3  # the table and three notes close the output
     assert "95% Wilson score interval" in printed[-3]
-    assert "self-speculation identical to AR greedy on 12/12" in printed[-1]
+    assert "self-speculation identical to AR greedy on 24/24 decodings, quadratic on 24/24" in printed[-1]
 
 
 def test_code_in_the_source_folder_never_runs(make_tiny_hf, tiny_tokenizer, tmp_path, megatron_ready):
@@ -53,3 +57,15 @@ def test_code_in_the_source_folder_never_runs(make_tiny_hf, tiny_tokenizer, tmp_
     ])
     assert run_pipeline(cfg) == 0
     assert not marker.exists()
+
+
+def test_the_run_passes_every_decoding_key_of_its_eval_section():
+    from ar2dlm.pipeline import eval_settings
+
+    cfg = compose_stage("run", ["recipe=demo", "output=/tmp/unused", "eval.modes=[ar,quad_spec]", "eval.draft_length=5",
+                                "eval.sub_block_length=4", "eval.confidence=position", "eval.use_drafter=false",
+                                "eval.block_lengths=[8,16]"])
+    settings = eval_settings(cfg)
+    assert settings.modes == ("ar", "quad_spec") and settings.draft_length == 5 and settings.use_drafter is False
+    assert settings.block_lengths == (8, 16) and settings.levers["sub_block_length"] == 4
+    assert settings.levers["confidence"] == "position"

@@ -10,7 +10,8 @@ import ar2dlm.runtime
 from ar2dlm.conversion.hf_source import SUPPORTED_ARCHITECTURES
 
 RUNTIME_DIR = Path(ar2dlm.runtime.__file__).parent
-RUNTIME_FILES: tuple[str, ...] = ("modeling_ar2dlm.py", "decoding_ar2dlm.py", "speculation_ar2dlm.py")
+RUNTIME_FILES: tuple[str, ...] = (
+    "modeling_ar2dlm.py", "decoding_ar2dlm.py", "speculation_ar2dlm.py", "drafter_ar2dlm.py")
 SERVING_ALGORITHMS: tuple[str, ...] = ("LinearSpec", "FastDiffuser")
 SERVED_CLEAN_PATTERN = "causal"  # the runtime's diffusion and self-speculation read a causal prefix cache
 

@@ -47,6 +47,7 @@ class DecodeConfig:
     confidence: str | None = None
     position_decay: float | None = None
     draft_length: int | None = None  # quad_spec; None: block_length - 1
+    use_drafter: bool | None = None  # self_spec / quad_spec: the export's drafter LoRA (None: when it has one)
 
     def levers(self) -> dict:
         """Diffusion's decoding levers as keyword arguments of ``decode``."""
@@ -115,7 +116,7 @@ def decode_batch(model, rows: Sequence[Sequence[int]], config: DecodeConfig, pad
     start = time.perf_counter()
     sequences, stats = decode(model, config.mode, input_ids, config.max_new_tokens, block_length=config.block_length,
                               threshold=config.threshold, attention_mask=attention_mask,
-                              draft_length=config.draft_length, **config.levers())
+                              draft_length=config.draft_length, use_drafter=config.use_drafter, **config.levers())
     _synchronize(model)
     seconds = time.perf_counter() - start
     new = sequences[:, input_ids.shape[1]:].tolist()
@@ -184,7 +185,7 @@ def evaluate_setting(model, tokenizer, examples: Sequence, encoded: Sequence[Seq
     result = summarize(config.mode, config.block_length, config.threshold, rows, seconds, batch_forwards,
                        mismatches, nfe_basis="batch" if missing and not decode_alone else "alone",
                        acceptance_by_offset=offsets.rates())
-    result.draft_length = config.draft_length
+    result.draft_length, result.drafter = config.draft_length, config.use_drafter
     return result
 
 

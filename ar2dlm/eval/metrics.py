@@ -75,6 +75,7 @@ class ModeResult:
     task_interval: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> 95% Wilson interval
     acceptance_by_offset: list[float] | None = None  # self-speculation: acceptance rate of draft offset 1, 2, ...
     draft_length: int | None = None  # quad_spec's draft tokens per cycle (None: block_length - 1)
+    drafter: bool | None = None  # self-speculation with (True) or without (False) the export's drafter LoRA
     rows: list[ExampleResult] = field(default_factory=list)
 
     def summary(self) -> dict:

@@ -68,8 +68,13 @@ def interval_cell(interval, digits: int = 3) -> str:
     return f"[{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def mode_label(result: dict) -> str:
+    """The mode, marked ``+drafter`` when self-speculation drafted with the export's drafter LoRA."""
+    return result["mode"] + (" +drafter" if result.get("drafter") else "")
+
+
 def table_row(result: dict) -> list[str]:
-    return [result["mode"], _cell(result["block_length"]), _cell(result["threshold"]), _cell(result.get("examples")),
+    return [mode_label(result), _cell(result["block_length"]), _cell(result["threshold"]), _cell(result.get("examples")),
             _cell(result["accuracy"], 3), interval_cell(accuracy_interval(result)), _cell(result["tokens_per_forward"]),
             _cell(result["acceptance_length"]), _cell(result["tokens_per_second"], 1),
             _cell(result["nfe_per_example"], 1)]
@@ -132,7 +137,7 @@ def _likelihood_lines(report: dict) -> list[str]:
 
 def _offset_lines(results: list[dict]) -> list[str]:
     """Per self-speculation setting, how often the draft token at each offset was accepted."""
-    lines = [f"- {r['mode']} B={r['block_length']}: " + " ".join(f"{rate:.2f}" for rate in r["acceptance_by_offset"])
+    lines = [f"- {mode_label(r)} B={r['block_length']}: " + " ".join(f"{rate:.2f}" for rate in r["acceptance_by_offset"])
              for r in results if r.get("acceptance_by_offset")]
     if not lines:
         return []
@@ -176,10 +181,10 @@ def plot_tradeoff(results: list[dict], path: Path, title: str = "") -> Path:
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
     groups: dict[tuple, list[dict]] = {}
     for result in results:
-        groups.setdefault((result["mode"], result["block_length"]), []).append(result)
-    for (mode, block), items in groups.items():
+        groups.setdefault((result["mode"], result["block_length"], mode_label(result)), []).append(result)
+    for (mode, block, name), items in groups.items():
         items = sorted(items, key=lambda r: r["tokens_per_forward"])
-        label = mode if block is None else f"{mode} B={block}"
+        label = name if block is None else f"{name} B={block}"
         xs, ys = [r["tokens_per_forward"] for r in items], [r["accuracy"] for r in items]
         axes.plot(xs, ys, marker=MODE_MARKERS.get(mode, "o"), label=label)
         for r in items:

@@ -52,6 +52,7 @@ class EvalSettings:
     decode_alone: bool = False  # see ar2dlm.eval.generation.evaluate_setting
     levers: dict = field(default_factory=dict)  # diffusion's sub_block_length, confidence, position_decay
     draft_length: int | None = None  # quad_spec; None: each block length - 1
+    use_drafter: bool | None = None  # None: self-speculation with and without the drafter when the export has one
     extra: dict = field(default_factory=dict)  # recorded in the report's settings as given
 
     def check(self) -> None:
@@ -70,9 +71,10 @@ class EvalSettings:
             raise UserError(f"elbo_draws={self.elbo_draws} must be >= 0")
 
 
-def sweep_configs(settings: EvalSettings) -> list[DecodeConfig]:
+def sweep_configs(settings: EvalSettings, has_drafter: bool = False) -> list[DecodeConfig]:
     """The settings of the sweep: AR once, then per block length diffusion at each threshold and both
-    self-speculation modes (quad_spec's ``draft_length`` capped at the block length - 1)."""
+    self-speculation modes (quad_spec's ``draft_length`` capped at the block length - 1), each without and then
+    with the export's drafter LoRA when it has one (``use_drafter``: only with, True; only without, False)."""
     configs = []
     if "ar" in settings.modes:
         configs.append(DecodeConfig("ar", settings.max_new_tokens))
@@ -80,11 +82,15 @@ def sweep_configs(settings: EvalSettings) -> list[DecodeConfig]:
         if "diffusion" in settings.modes:
             configs += [DecodeConfig("diffusion", settings.max_new_tokens, block, float(t), **settings.levers)
                         for t in settings.thresholds]
-        if "self_spec" in settings.modes:
-            configs.append(DecodeConfig("self_spec", settings.max_new_tokens, block))
-        if "quad_spec" in settings.modes:
-            draft = None if settings.draft_length is None else min(settings.draft_length, block - 1)
-            configs.append(DecodeConfig("quad_spec", settings.max_new_tokens, block, draft_length=draft))
+        drafters = [settings.use_drafter] if settings.use_drafter is not None else (
+            [False, True] if has_drafter else [None])
+        for drafter in drafters:
+            if "self_spec" in settings.modes:
+                configs.append(DecodeConfig("self_spec", settings.max_new_tokens, block, use_drafter=drafter))
+            if "quad_spec" in settings.modes:
+                draft = None if settings.draft_length is None else min(settings.draft_length, block - 1)
+                configs.append(DecodeConfig("quad_spec", settings.max_new_tokens, block, draft_length=draft,
+                                            use_drafter=drafter))
     return configs
 
 
@@ -96,7 +102,8 @@ def sweep(model, tokenizer, examples: Sequence, settings: EvalSettings) -> list[
     context = getattr(model.config, "max_position_embeddings", None)
     encoded = encode_prompts(tokenizer, [e.prompt for e in examples], context, settings.max_new_tokens)
     results = []
-    for config in sweep_configs(settings):
+    has_drafter = bool(getattr(model, "has_drafter", lambda: False)())
+    for config in sweep_configs(settings, has_drafter):
         result = evaluate_setting(model, tokenizer, examples, encoded, config, settings.batch_size,
                                   warmup=settings.warmup, decode_alone=settings.decode_alone)
         logger.info("%s block=%s threshold=%s: accuracy %.3f, tokens/forward %.2f, %.1f tokens/s",
@@ -142,7 +149,7 @@ def report_settings(model, examples: Sequence, settings: EvalSettings) -> dict:
         "model": str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")),
         **settings.extra, "examples": len(examples), "task_examples": tasks, "modes": list(settings.modes),
         "block_lengths": list(settings.block_lengths), "thresholds": list(settings.thresholds), **settings.levers,
-        "draft_length": settings.draft_length, "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, "seed": settings.seed,
+        "draft_length": settings.draft_length, "use_drafter": settings.use_drafter, "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, "seed": settings.seed,
         "temperature": 0.0, "elbo_draws": settings.elbo_draws if settings.perplexity else 0,
         "decode_alone": settings.decode_alone,
         "dtype": str(model.dtype).replace("torch.", ""), "ar2dlm": __version__, "date": now(),
@@ -158,7 +165,7 @@ def settings_from_config(cfg: DictConfig) -> EvalSettings:
         block_lengths=tuple(int(b) for b in block_lengths), max_new_tokens=int(cfg.max_new_tokens),
         batch_size=int(cfg.batch_size), seed=int(cfg.get("seed", 1234)), perplexity=bool(cfg.get("perplexity", True)),
         elbo_draws=int(cfg.get("elbo_draws", 4)), decode_alone=bool(cfg.get("decode_alone", False)),
-        levers=diffusion_levers(cfg), draft_length=cfg.get("draft_length"),
+        levers=diffusion_levers(cfg), draft_length=cfg.get("draft_length"), use_drafter=cfg.get("use_drafter"),
         extra={"model": str(cfg.model), "tasks": list(cfg.tasks), "limit": cfg.limit,
                **({"lm_eval_include": cfg.lm_eval_include} if cfg.get("lm_eval_include") else {})},
     )

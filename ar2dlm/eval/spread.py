@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 
 from ar2dlm.eval.intervals import successes_of, wilson_interval
+from ar2dlm.eval.report import mode_label
 
 SPREAD_COLUMNS = ("mode", "block", "threshold", "seeds", "prompts", "accuracy mean", "accuracy min-max",
                   "accuracy std", "pooled 95% interval", "tokens/forward mean", "tokens/forward min-max",
@@ -28,7 +29,8 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 
 
 def setting_key(result: Mapping) -> tuple:
-    return result["mode"], result["block_length"], result["threshold"]
+    """(mode, block length, threshold); the mode marked ``+drafter`` for self-speculation with the drafter."""
+    return mode_label(result), result["block_length"], result["threshold"]
 
 
 def correct_count(result: Mapping) -> int:

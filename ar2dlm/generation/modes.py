@@ -17,10 +17,10 @@ def diffusion_levers(cfg) -> dict:
 def decode(model, mode: str, input_ids, max_new_tokens: int, *, block_length: int | None = None,
            threshold: float | None = None, temperature: float = 0.0, attention_mask=None,
            sub_block_length: int | None = None, confidence: str | None = None, position_decay: float | None = None,
-           draft_length: int | None = None):
+           draft_length: int | None = None, use_drafter: bool | None = None):
     """One runtime call in ``mode`` (``block_length`` for every mode but AR; ``threshold``, ``sub_block_length``,
-    ``confidence`` and ``position_decay`` for diffusion; ``draft_length`` for quad_spec; None: the runtime's
-    default): ``(sequences, stats)``, the runtime's ``DecodeStats`` of the call."""
+    ``confidence`` and ``position_decay`` for diffusion; ``draft_length`` for quad_spec; ``use_drafter`` for both
+    self-speculation modes; None: the runtime's default): ``(sequences, stats)``, the call's ``DecodeStats``."""
     if mode == "ar":
         return model.ar_generate(input_ids, max_new_tokens, temperature=temperature, attention_mask=attention_mask,
                                  return_stats=True)
@@ -31,9 +31,11 @@ def decode(model, mode: str, input_ids, max_new_tokens: int, *, block_length: in
                               position_decay=position_decay)
     if mode == "self_spec":
         return model.linear_spec_generate(input_ids, max_new_tokens, block_length=block_length,
-                                          temperature=temperature, attention_mask=attention_mask, return_stats=True)
+                                          temperature=temperature, attention_mask=attention_mask, return_stats=True,
+                                          use_drafter=use_drafter)
     if mode == "quad_spec":
         return model.quadratic_spec_generate(input_ids, max_new_tokens, block_length=block_length,
                                              draft_length=draft_length, temperature=temperature,
-                                             attention_mask=attention_mask, return_stats=True)
+                                             attention_mask=attention_mask, return_stats=True,
+                                             use_drafter=use_drafter)
     raise ValueError(f"mode {mode!r} is not one of: {', '.join(MODES)}")

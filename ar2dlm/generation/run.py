@@ -94,7 +94,8 @@ def run_generate(cfg: DictConfig) -> int:
     tokenizer, model = load_export(model_dir, device)
     ids = encode_prompt(tokenizer, prompt, config.get("max_position_embeddings"), cfg.max_new_tokens)
     result = decode_prompt(model, tokenizer, ids, cfg.mode, cfg.max_new_tokens, cfg.block_length, cfg.threshold,
-                           cfg.temperature, draft_length=cfg.get("draft_length"), **diffusion_levers(cfg))
+                           cfg.temperature, draft_length=cfg.get("draft_length"), use_drafter=cfg.get("use_drafter"),
+                           **diffusion_levers(cfg))
     print(result.text)
     print(result.stats_line())
     return 0

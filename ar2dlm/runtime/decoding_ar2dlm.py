@@ -9,6 +9,7 @@ custom 4D attention mask hides, so rows can accept different numbers of tokens p
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -112,9 +113,10 @@ class KVState:
     (the reference that the cached path must equal).
     """
 
-    def __init__(self, model, batch_size: int, use_cache: bool = True):
+    def __init__(self, model, batch_size: int, use_cache: bool = True, drafter=None):
         device = model.device
         self.model = model
+        self.drafter = drafter  # a DraftAdapter (drafter_ar2dlm) that the tokens marked ``drafting`` see, or None
         self.use_cache = use_cache
         self.cache = DynamicCache() if use_cache else None
         self.ids = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
@@ -126,8 +128,17 @@ class KVState:
     def length(self) -> int:
         return self.ids.shape[1]
 
+    def _drafting(self, drafting: torch.Tensor | None, input_length: int):
+        """The drafter switched on for the new tokens marked in ``drafting`` [B, q] (off without either)."""
+        if self.drafter is None or drafting is None:
+            return nullcontext()
+        gate = drafting.new_zeros(drafting.shape[0], input_length)
+        gate[:, input_length - drafting.shape[1]:] = drafting
+        return self.drafter.drafting(gate)
+
     def forward(self, tokens: torch.Tensor, *, bidirectional: bool = False, keep: bool = True,
-                new_valid: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                new_valid: torch.Tensor | None = None, logits_to_keep: int = 0,
+                drafting: torch.Tensor | None = None) -> torch.Tensor:
         """Run the model on ``tokens`` [B, q] after everything kept so far; return logits [B, *, V].
 
         ``bidirectional``: the q tokens form one diffusion block. ``keep``: append them (their K/V)
@@ -146,9 +157,10 @@ class KVState:
         allowed = allowed_keys(key_valid, num_queries, num_new if bidirectional else 0)
         mask = model_attention_mask(self.model, allowed, key_pos, self.model.dtype)
         old_length = self.length
-        output = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
-                            past_key_values=self.cache, use_cache=self.use_cache,
-                            logits_to_keep=logits_to_keep or num_new)
+        with self._drafting(drafting, inputs.shape[1]):
+            output = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                                past_key_values=self.cache, use_cache=self.use_cache,
+                                logits_to_keep=logits_to_keep or num_new)
         if keep:
             self.ids = torch.cat([self.ids, tokens], 1)
             self.valid, self.pos = key_valid, key_pos
@@ -158,7 +170,8 @@ class KVState:
         return output.logits
 
     def forward_structured(self, tokens: torch.Tensor, new_pos: torch.Tensor, within: torch.Tensor, *,
-                           keep: int, new_valid: torch.Tensor | None = None) -> torch.Tensor:
+                           keep: int, new_valid: torch.Tensor | None = None,
+                           drafting: torch.Tensor | None = None) -> torch.Tensor:
         """Run the decoder on ``tokens`` [B, q] at positions ``new_pos`` [B, q], where new token i sees every
         valid key kept so far and the new tokens j with ``within[i, j]`` (bool [q, q], one rule for all rows);
         return the final hidden states [B, q, H] (:func:`head_logits` turns rows of them into logits).
@@ -173,8 +186,9 @@ class KVState:
         else:
             inputs, positions = torch.cat([self.ids, tokens], 1), key_pos
         mask = model_attention_mask(self.model, allowed, key_pos, self.model.dtype)
-        hidden = self.model.get_decoder()(input_ids=inputs, attention_mask=mask, position_ids=positions,
-                                          past_key_values=self.cache, use_cache=self.use_cache).last_hidden_state
+        with self._drafting(drafting, inputs.shape[1]):
+            hidden = self.model.get_decoder()(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                                              past_key_values=self.cache, use_cache=self.use_cache).last_hidden_state
         self.ids = torch.cat([self.ids, tokens[:, :keep]], 1)
         self.valid = torch.cat([self.valid, new_valid[:, :keep]], 1)
         self.pos = key_pos[:, : old_length + keep]
@@ -182,6 +196,14 @@ class KVState:
         if self.cache is not None and keep < num_new:
             self.cache.crop(old_length + keep)
         return hidden[:, -num_new:]
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Drop every batch row but those at ``keep`` (finished rows need no more forwards)."""
+        index = torch.tensor(keep, device=self.ids.device)
+        self.ids, self.valid, self.pos, self.next_pos = (t[index] for t in (self.ids, self.valid, self.pos,
+                                                                            self.next_pos))
+        if self.cache is not None:
+            self.cache.batch_select_indices(index)
 
     def reject_tail(self, keep_counts: torch.Tensor, tail: int) -> None:
         """Of the last ``tail`` kept tokens, row b keeps its first ``keep_counts[b]``; the rest become
@@ -211,7 +233,10 @@ def choose_tokens(logits: torch.Tensor, temperature: float) -> tuple[torch.Tenso
 
 
 class Output:
-    """The new-token slots of a batch: filled in order, a row closes at EOS or at max_new_tokens."""
+    """The new-token slots of a batch: filled in order, a row closes at EOS or at max_new_tokens.
+
+    ``rows``: the batch row of each row the decoder still runs (decoders may drop finished rows, see
+    :meth:`open_rows`); ``emit_batch`` takes tensors over those rows."""
 
     def __init__(self, batch_size: int, settings: DecodeSettings, device: torch.device):
         self.settings = settings
@@ -219,6 +244,7 @@ class Output:
         self.device = device
         self.count = [0] * batch_size
         self.done = [False] * batch_size
+        self.rows = list(range(batch_size))
 
     def emit(self, row: int, tokens: list[int]) -> None:
         for token in tokens:
@@ -229,8 +255,16 @@ class Output:
             self.done[row] = token in self.settings.eos_ids or self.count[row] == self.settings.max_new_tokens
 
     def emit_batch(self, tokens: torch.Tensor, lengths: list[int] | None = None) -> None:
-        for row, values in enumerate(tokens.tolist()):
-            self.emit(row, values if lengths is None else values[: lengths[row]])
+        for index, values in enumerate(tokens.tolist()):
+            self.emit(self.rows[index], values if lengths is None else values[: lengths[index]])
+
+    def open_rows(self) -> list[int] | None:
+        """Indices (into the rows still run) of the open rows, when some run row has finished; else None."""
+        keep = [index for index, row in enumerate(self.rows) if not self.done[row]]
+        return keep if len(keep) < len(self.rows) else None
+
+    def keep_rows(self, keep: list[int]) -> None:
+        self.rows = [self.rows[index] for index in keep]
 
     @property
     def all_done(self) -> bool:
@@ -249,6 +283,18 @@ class Output:
         return torch.cat([input_ids, self.tokens.to(self.device)], 1)
 
 
+def drop_finished(state: KVState, out: Output, *per_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Stop running the rows that have finished: drop them from ``state``, ``out`` and the ``per_row`` tensors
+    (returned, rows kept in order). Rows never see each other, so the others decode exactly as before."""
+    keep = out.open_rows()
+    if not keep:  # None: every run row is open; []: all finished
+        return per_row
+    state.keep_rows(keep)
+    out.keep_rows(keep)
+    index = torch.tensor(keep, device=per_row[0].device)
+    return tuple(tensor[index] for tensor in per_row)
+
+
 def prefill(state: KVState, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Causal pass over the (left-padded) prompt; returns the last position's logits [B, V]."""
     return state.forward(input_ids, new_valid=attention_mask.bool(), logits_to_keep=1)[:, -1]
@@ -262,6 +308,7 @@ def ar_decode(model, input_ids, attention_mask, settings: DecodeSettings) -> tup
     token, _ = choose_tokens(prefill(state, input_ids, attention_mask), settings.temperature)
     out.emit_batch(token[:, None])
     while not out.all_done:
+        (token,) = drop_finished(state, out, token)
         logits = state.forward(token[:, None], logits_to_keep=1)[:, -1]
         stats.nfe += 1
         stats.cycles += 1

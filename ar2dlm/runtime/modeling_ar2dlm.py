@@ -47,6 +47,7 @@ from .decoding_ar2dlm import (
     ar_decode,
     diffusion_decode,
 )
+from .drafter_ar2dlm import DraftAdapter, find_adapter_folder, read_adapter
 from .speculation_ar2dlm import linear_spec_decode, quadratic_spec_decode
 
 DEFAULT_THRESHOLD = 0.9
@@ -113,22 +114,28 @@ class TriModeMixin:
 
     @torch.no_grad()
     def linear_spec_generate(self, input_ids, max_new_tokens, block_length=None, temperature=0.0,
-                             eos_token_id=None, attention_mask=None, return_stats=False):
-        """Self-speculation: draft a block in one bidirectional pass, verify it in one causal pass."""
+                             eos_token_id=None, attention_mask=None, return_stats=False, use_drafter=None):
+        """Self-speculation: draft a block in one bidirectional pass, verify it in one causal pass.
+
+        ``use_drafter``: draft with the export's drafter LoRA (``linear_spec_lora/``) when there is one (None,
+        the default), or never (False), or require it (True). Only draft tokens see it: the output stays AR's."""
         block_length = self._default_block_length(block_length)
         _check_block_length(block_length)
         input_ids, attention_mask, settings = self._prepare(
             input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=True,
             block_length=block_length)
-        return _result(*linear_spec_decode(self, input_ids, attention_mask, settings), return_stats)
+        return _result(*linear_spec_decode(self, input_ids, attention_mask, settings, self._drafter(use_drafter)),
+                       return_stats)
 
     @torch.no_grad()
     def quadratic_spec_generate(self, input_ids, max_new_tokens, block_length=None, temperature=0.0,
-                                eos_token_id=None, attention_mask=None, return_stats=False, draft_length=None):
+                                eos_token_id=None, attention_mask=None, return_stats=False, draft_length=None,
+                                use_drafter=None):
         """Quadratic self-speculation (docs/design.md §4.6): one forward per cycle verifies the draft
         ``[seed, d_1 .. d_k]`` and drafts the next cycle for every acceptance length at once, so it holds
         (k + 1)(k + 2) tokens. ``draft_length`` = k, at most ``block_length - 1`` (the default); a smaller k makes
-        the shared forward cheaper where compute, not memory bandwidth, bounds it (a CPU)."""
+        the shared forward cheaper where compute, not memory bandwidth, bounds it (a CPU). ``use_drafter``: as
+        in :meth:`linear_spec_generate` (the mask blocks see the drafter, the draft being verified never does)."""
         block_length = self._default_block_length(block_length)
         if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 2:
             raise ValueError(f"quadratic self-speculation needs block_length >= 2 (a seed and a draft), "
@@ -141,7 +148,29 @@ class TriModeMixin:
         input_ids, attention_mask, settings = self._prepare(
             input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, needs_mask=True,
             block_length=block_length)
-        return _result(*quadratic_spec_decode(self, input_ids, attention_mask, settings, draft_length), return_stats)
+        drafter = self._drafter(use_drafter)
+        return _result(*quadratic_spec_decode(self, input_ids, attention_mask, settings, draft_length, drafter),
+                       return_stats)
+
+    def has_drafter(self) -> bool:
+        """Whether the folder the model was loaded from has a drafter LoRA (``linear_spec_lora/``)."""
+        return self._drafter(None) is not None
+
+    def _drafter(self, use_drafter) -> DraftAdapter | None:
+        """The drafter LoRA of the folder the model was loaded from (read once), per ``use_drafter``."""
+        if use_drafter not in (None, True, False):
+            raise ValueError(f"use_drafter must be None, True or False, got {use_drafter!r}")
+        if use_drafter is False:
+            return None
+        if not hasattr(self, "_draft_adapter"):
+            folder = find_adapter_folder(self)
+            self._draft_adapter = None
+            if folder is not None:
+                self._draft_adapter = DraftAdapter(self, *read_adapter(folder), source=str(folder))
+        if use_drafter and self._draft_adapter is None:
+            raise ValueError("use_drafter=True but this model has no drafter (no linear_spec_lora/ folder next to "
+                             "its weights)")
+        return self._draft_adapter
 
     def _prepare(self, input_ids, attention_mask, max_new_tokens, temperature, eos_token_id, *,
                  needs_mask: bool, **extra) -> tuple[torch.Tensor, torch.Tensor, DecodeSettings]:

@@ -14,26 +14,34 @@ from functools import lru_cache
 
 import torch
 
-from .decoding_ar2dlm import DecodeSettings, DecodeStats, KVState, Output, choose_tokens, head_logits, prefill
+from .decoding_ar2dlm import (
+    DecodeSettings,
+    DecodeStats,
+    KVState,
+    Output,
+    choose_tokens,
+    drop_finished,
+    head_logits,
+    prefill,
+)
 
 
 class AcceptanceCounter:
     """How often the draft token at each offset (1 .. k) was verified and accepted, over open rows."""
 
     def __init__(self, max_drafts: int):
-        self.drafted = [0] * max_drafts
-        self.accepted = [0] * max_drafts
+        self.drafted = torch.zeros(max_drafts, dtype=torch.long)
+        self.accepted = torch.zeros(max_drafts, dtype=torch.long)
 
-    def count(self, matches: list[int], drafts: int, was_open: list[bool]) -> None:
-        for matched, is_open in zip(matches, was_open, strict=True):
-            if not is_open:
-                continue
-            for offset in range(drafts):
-                self.drafted[offset] += 1
-                self.accepted[offset] += offset < matched
+    def count(self, matched: list[int], drafts: int, was_open: list[bool]) -> None:
+        is_open = torch.tensor(was_open)
+        offsets = torch.arange(drafts)
+        self.drafted[:drafts] += int(is_open.sum())
+        self.accepted[:drafts] += ((offsets[None, :] < torch.tensor(matched)[:, None]) & is_open[:, None]).sum(0)
 
     def finish(self, stats: DecodeStats) -> None:
-        stats.drafted_by_offset, stats.accepted_by_offset = tuple(self.drafted), tuple(self.accepted)
+        stats.drafted_by_offset = tuple(self.drafted.tolist())
+        stats.accepted_by_offset = tuple(self.accepted.tolist())
 
 
 def leading_matches(verified: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
@@ -46,33 +54,36 @@ def _accept(state: KVState, out: Output, counter: AcceptanceCounter, verified: t
     """Emit each row's accepted tokens, turn its rejected draft slots into holes; return the matches [B]."""
     matches = leading_matches(verified, draft)
     matched = matches.tolist()
-    was_open = [not done for done in out.done]
+    was_open = [not out.done[row] for row in out.rows]
     out.emit_batch(verified, [m + 1 for m in matched])
     counter.count(matched, draft.shape[1] - 1, was_open)
     state.reject_tail(matches + 1, draft.shape[1])
     return matches
 
 
-def linear_spec_decode(model, input_ids, attention_mask, settings: DecodeSettings
+def linear_spec_decode(model, input_ids, attention_mask, settings: DecodeSettings, drafter=None
                        ) -> tuple[torch.Tensor, DecodeStats]:
     """Linear self-speculation: a bidirectional draft pass over ``[seed, MASK ...]``, then a causal verify pass.
 
     NFE = 1 (prefill) + per cycle: a draft pass (skipped when the draft has no mask, i.e. length 1) and a
-    verify pass."""
+    verify pass. ``drafter``: a DraftAdapter that the draft pass's tokens see."""
     batch = input_ids.shape[0]
-    state = KVState(model, batch, settings.use_prefix_cache)
+    state = KVState(model, batch, settings.use_prefix_cache, drafter)
     out = Output(batch, settings, input_ids.device)
     stats = DecodeStats("self_spec", nfe=1)
     counter = AcceptanceCounter(settings.block_length - 1)
     seed, _ = choose_tokens(prefill(state, input_ids, attention_mask), settings.temperature)
     out.emit_batch(seed[:, None])
     while not out.all_done:
+        (seed,) = drop_finished(state, out, seed)
+        batch = seed.shape[0]
         stats.cycles += 1
         length = min(settings.block_length, out.remaining())
         draft = torch.full((batch, length), settings.mask_id, dtype=torch.long, device=input_ids.device)
         draft[:, 0] = seed
         if length > 1:
-            logits = state.forward(draft, bidirectional=True, keep=False)
+            logits = state.forward(draft, bidirectional=True, keep=False,
+                                   drafting=torch.ones_like(draft, dtype=torch.bool))
             stats.nfe += 1
             draft[:, 1:] = logits[:, 1:].argmax(-1)
         verified, _ = choose_tokens(state.forward(draft), settings.temperature)
@@ -111,16 +122,17 @@ def _prefill_within(prompt_length: int, drafts: int, device: str) -> torch.Tenso
     return within
 
 
-def quadratic_spec_decode(model, input_ids, attention_mask, settings: DecodeSettings, drafts: int
+def quadratic_spec_decode(model, input_ids, attention_mask, settings: DecodeSettings, drafts: int, drafter=None
                           ) -> tuple[torch.Tensor, DecodeStats]:
     """Quadratic self-speculation: each cycle is one forward over the draft (verified causally) and, for every
     possible acceptance length c, a block of masks that drafts the next cycle after d_c (:func:`quadratic_layout`).
     After it, each row keeps the K/V of its accepted prefix only and drafts from the block of its c.
 
     The prefill carries one mask block after the prompt, so it gives the seed and the first draft.
-    NFE = 1 (prefill) + 1 per cycle. ``drafts`` (k) is the most draft tokens per cycle; fewer near the end."""
+    NFE = 1 (prefill) + 1 per cycle. ``drafts`` (k) is the most draft tokens per cycle; fewer near the end.
+    ``drafter``: a DraftAdapter that the mask blocks see (the draft being verified never does)."""
     batch, device = input_ids.shape[0], input_ids.device
-    state = KVState(model, batch, settings.use_prefix_cache)
+    state = KVState(model, batch, settings.use_prefix_cache, drafter)
     out = Output(batch, settings, device)
     stats = DecodeStats("quad_spec", nfe=1)
     counter = AcceptanceCounter(drafts)
@@ -133,12 +145,15 @@ def quadratic_spec_decode(model, input_ids, attention_mask, settings: DecodeSett
     hidden = state.forward_structured(
         torch.cat([input_ids, masks], 1), torch.cat([prompt_pos, mask_pos], 1),
         _prefill_within(prompt_length, width, str(device)), keep=prompt_length,
-        new_valid=torch.cat([prompt_valid, torch.ones_like(masks, dtype=torch.bool)], 1))
+        new_valid=torch.cat([prompt_valid, torch.ones_like(masks, dtype=torch.bool)], 1),
+        drafting=_after(batch, prompt_length, width + 1, device))
     seed, _ = choose_tokens(head_logits(model, hidden[:, prompt_length - 1]), settings.temperature)
     out.emit_batch(seed[:, None])
     block_start = torch.full((batch,), prompt_length, dtype=torch.long, device=device)
     next_drafts = _block_drafts(model, hidden, block_start, width)
     while not out.all_done:
+        seed, next_drafts = drop_finished(state, out, seed, next_drafts)
+        batch = seed.shape[0]
         stats.cycles += 1
         width = min(drafts, out.remaining() - 1)
         draft = torch.cat([seed[:, None], next_drafts[:, :width]], 1)
@@ -150,7 +165,8 @@ def quadratic_spec_decode(model, input_ids, attention_mask, settings: DecodeSett
         else:
             offsets, within = offsets[:1], within[:1, :1]
         hidden = state.forward_structured(tokens, state.next_pos[:, None] + offsets[None, :], within,
-                                          keep=width + 1)
+                                          keep=width + 1, drafting=_after(batch, width + 1, tokens.shape[1] - width - 1,
+                                                                         device))
         stats.nfe += 1
         verified, _ = choose_tokens(head_logits(model, hidden[:, : width + 1]), settings.temperature)
         matches = _accept(state, out, counter, verified, draft)
@@ -158,6 +174,13 @@ def quadratic_spec_decode(model, input_ids, attention_mask, settings: DecodeSett
         next_drafts = _block_drafts(model, hidden, (width + 1) * (matches + 1), width)
     counter.finish(stats)
     return out.sequences(input_ids), out.finish(stats)
+
+
+def _after(batch: int, before: int, after: int, device) -> torch.Tensor:
+    """Bool [B, before + after]: the last ``after`` tokens (the mask blocks) are draft tokens."""
+    drafting = torch.zeros(batch, before + after, dtype=torch.bool, device=device)
+    drafting[:, before:] = True
+    return drafting
 
 
 def _block_drafts(model, hidden: torch.Tensor, block_start: torch.Tensor, drafts: int) -> torch.Tensor:

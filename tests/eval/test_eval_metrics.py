@@ -11,6 +11,7 @@ from ar2dlm.eval.generation import cut_at_stop
 from ar2dlm.eval.intervals import wilson_interval
 from ar2dlm.eval.metrics import (
     ExampleResult,
+    OffsetCounts,
     acceptance_length,
     alone_costs,
     answer_from_text,
@@ -81,3 +82,17 @@ def test_summarize_aggregates_rows():
     assert result.tokens_per_second == 8.0
     assert "rows" not in result.summary() and result.summary()["batch_forwards"] == 9
     assert summarize("diffusion", 4, 0.9, rows, 1.0, 5).acceptance_length is None
+
+
+def test_quadratic_self_speculation_has_an_acceptance_length_and_offsets_add_over_calls():
+    rows = [row("copy", True, new_tokens=10, nfe=4, cycles=3)]
+    assert summarize("quad_spec", 4, None, rows, 1.0, 4).acceptance_length == pytest.approx(9 / 3)
+    counts = OffsetCounts()
+    assert counts.rates() is None
+    counts.add(SimpleNamespace(drafted_by_offset=(4, 4, 4), accepted_by_offset=(3, 2, 0)))
+    counts.add(SimpleNamespace(drafted_by_offset=(4, 4, 4, 2), accepted_by_offset=(1, 0, 0, 1)))
+    counts.add(SimpleNamespace())  # AR and diffusion stats have no offsets
+    assert counts.drafted == [8, 8, 8, 2] and counts.accepted == [4, 2, 0, 1]
+    assert counts.rates() == [0.5, 0.25, 0.0, 0.5]
+    result = summarize("quad_spec", 4, None, rows, 1.0, 4, acceptance_by_offset=counts.rates())
+    assert result.summary()["acceptance_by_offset"] == [0.5, 0.25, 0.0, 0.5]

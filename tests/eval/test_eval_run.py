@@ -125,3 +125,21 @@ def test_decode_alone_is_off_unless_asked_and_the_report_says_what_nfe_is():
     assert "decode_alone=true" in text
     results[1]["nfe_basis"] = "alone"
     assert "charged" not in render_markdown({"settings": {"batch_size": 8}, "results": results})
+
+
+def test_self_speculation_runs_with_and_without_the_drafter_of_an_export_that_has_one():
+    from omegaconf import OmegaConf
+
+    from ar2dlm.config.schema import EvalStage
+    from ar2dlm.eval.run import sweep_configs
+
+    cfg = OmegaConf.structured(EvalStage(model="m", output="o", modes=["ar", "self_spec", "quad_spec"],
+                                         block_length=8, draft_length=12))
+    settings = settings_from_config(cfg)
+    plain = [(c.mode, c.block_length, c.draft_length, c.use_drafter) for c in sweep_configs(settings)]
+    assert plain == [("ar", None, None, None), ("self_spec", 8, None, None), ("quad_spec", 8, 7, None)]
+    both = [(c.mode, c.use_drafter) for c in sweep_configs(settings, has_drafter=True)]
+    assert both == [("ar", None), ("self_spec", False), ("quad_spec", False), ("self_spec", True), ("quad_spec", True)]
+    only = settings_from_config(OmegaConf.merge(cfg, {"use_drafter": True}))
+    assert [(c.mode, c.use_drafter) for c in sweep_configs(only, has_drafter=True)][1:] == [
+        ("self_spec", True), ("quad_spec", True)]

@@ -53,9 +53,14 @@ def batch(known):
 
 
 def accepted_per_cycle(verify_passes: list[Forward]) -> list[list[int]]:
-    """Per row, the draft tokens each cycle accepted: the next cycle's seed sits c + 1 positions further."""
-    seeds = torch.stack([f.positions[:, 0] for f in verify_passes], 1)
-    return (seeds[:, 1:] - seeds[:, :-1] - 1).tolist()
+    """Per row, the draft tokens each cycle accepted: the next cycle's seed sits c + 1 positions further. Finished
+    rows leave the batch, so row r is in the passes that still have more than r rows (here only the last row
+    finishes early)."""
+    accepted = []
+    for row in range(verify_passes[0].tokens.shape[0]):
+        seeds = [int(f.positions[row, 0]) for f in verify_passes if f.tokens.shape[0] > row]
+        accepted.append([after - before - 1 for before, after in zip(seeds, seeds[1:])])
+    return accepted
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -74,11 +79,11 @@ def test_self_spec_accepts_the_drafts_the_weights_dictate(attn, known, batch):
     assert [v.tokens.tolist() for v in verifies] == [
         [[c[1], f, f, f], [c[3], f, f, f]],  # row 0 rejects its draft (C2 != F), row 1 accepts all three
         [[c[2], f, f, f], [f, f, f, f]],
-        [[c[3], f, f, f], [f, f, f, f]],  # row 0 reaches F: accepted from now on
-        [[f, f, f, f], [f, f, f, f]],
-        [[f], [f]],  # one token left: no mask to draft
+        [[c[3], f, f, f], [f, f, f, f]],  # row 0 reaches F: accepted from now on; row 1 has its 12 tokens
+        [[f, f, f, f]],  # finished rows run no more forwards
+        [[f]],  # one token left: no mask to draft
     ]
-    assert accepted_per_cycle(verifies) == [[0, 0, 3, 3], [3, 3, 3, 3]]
+    assert accepted_per_cycle(verifies) == [[0, 0, 3, 3], [3, 3]]
     recompute = known.load(attn)
     recompute._use_prefix_cache = False  # the rejected drafts left holes in the cache: the same answer without it
     assert torch.equal(recompute.linear_spec_generate(ids, 12, block_length=4, attention_mask=mask,
