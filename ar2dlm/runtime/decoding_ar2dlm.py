@@ -61,16 +61,18 @@ def allowed_keys(key_valid: torch.Tensor, num_queries: int, bidirectional_tail: 
     return (visible[None] & key_valid[:, None, :]) | (key_index == query_index)[None]
 
 
-def structured_keys(old_valid: torch.Tensor, new_valid: torch.Tensor, within: torch.Tensor, *,
+def structured_keys(old_valid: torch.Tensor, new_valid: torch.Tensor | None, within: torch.Tensor, *,
                     old_queries: bool) -> torch.Tensor:
     """Bool [B, q, K] (or [B, K, K] with ``old_queries``, for a forward that recomputes the old tokens too):
-    new token i sees the valid old keys and the valid new tokens j with ``within[i, j]``; old tokens see
-    earlier valid old tokens. A token always sees itself."""
+    new token i sees the valid old keys and the valid new tokens j with ``within[i, j]`` (``new_valid`` None: all
+    are valid); old tokens see earlier valid old tokens. A token always sees itself (``within``'s diagonal must be
+    set)."""
     batch, num_old = old_valid.shape
     num_new = within.shape[0]
-    seen_new = within[None] & new_valid[:, None, :]
+    seen_new = within[None].expand(batch, num_new, num_new)
+    if new_valid is not None:
+        seen_new = (seen_new & new_valid[:, None, :]) | torch.eye(num_new, dtype=torch.bool, device=within.device)
     new_rows = torch.cat([old_valid[:, None, :].expand(batch, num_new, num_old), seen_new], 2)
-    new_rows[:, torch.arange(num_new), torch.arange(num_old, num_old + num_new)] = True
     if not old_queries:
         return new_rows
     old_rows = torch.cat([allowed_keys(old_valid, num_old, 0),
@@ -175,9 +177,8 @@ class KVState:
         """Run the decoder on ``tokens`` [B, q] at positions ``new_pos`` [B, q], where new token i sees every
         valid key kept so far and the new tokens j with ``within[i, j]`` (bool [q, q], one rule for all rows);
         return the final hidden states [B, q, H] (:func:`head_logits` turns rows of them into logits).
-        The first ``keep`` tokens are appended to the state; the K/V of the rest is dropped afterwards."""
-        if new_valid is None:
-            new_valid = torch.ones_like(tokens, dtype=torch.bool)
+        The first ``keep`` tokens are appended to the state; the K/V of the rest is dropped afterwards.
+        ``new_valid`` None: every new token is real."""
         old_length, num_new = self.length, tokens.shape[1]
         key_pos = torch.cat([self.pos, new_pos], 1)
         allowed = structured_keys(self.valid, new_valid, within, old_queries=not self.use_cache)
@@ -190,9 +191,13 @@ class KVState:
             hidden = self.model.get_decoder()(input_ids=inputs, attention_mask=mask, position_ids=positions,
                                               past_key_values=self.cache, use_cache=self.use_cache).last_hidden_state
         self.ids = torch.cat([self.ids, tokens[:, :keep]], 1)
-        self.valid = torch.cat([self.valid, new_valid[:, :keep]], 1)
         self.pos = key_pos[:, : old_length + keep]
-        self.next_pos = self.next_pos + new_valid[:, :keep].sum(1)
+        if new_valid is None:
+            self.valid = torch.cat([self.valid, self.valid.new_ones(tokens.shape[0], keep)], 1)
+            self.next_pos = self.next_pos + keep
+        else:
+            self.valid = torch.cat([self.valid, new_valid[:, :keep]], 1)
+            self.next_pos = self.next_pos + new_valid[:, :keep].sum(1)
         if self.cache is not None and keep < num_new:
             self.cache.crop(old_length + keep)
         return hidden[:, -num_new:]
@@ -205,14 +210,15 @@ class KVState:
         if self.cache is not None:
             self.cache.batch_select_indices(index)
 
-    def reject_tail(self, keep_counts: torch.Tensor, tail: int) -> None:
+    def reject_tail(self, keep_counts: torch.Tensor, tail: int, most_kept: int | None = None) -> None:
         """Of the last ``tail`` kept tokens, row b keeps its first ``keep_counts[b]``; the rest become
-        holes. Slots that every row rejects are cropped from the cache."""
+        holes. Slots that every row rejects are cropped from the cache (``most_kept``: the largest count, if
+        the caller has it on the host)."""
         start = self.length - tail
         offsets = torch.arange(tail, device=keep_counts.device)[None, :]
         self.valid[:, start:] &= offsets < keep_counts[:, None]
         self.next_pos = self.next_pos - (tail - keep_counts)
-        new_length = start + int(keep_counts.max())
+        new_length = start + (int(keep_counts.max()) if most_kept is None else most_kept)
         if new_length < self.length:
             self.ids, self.valid, self.pos = (t[:, :new_length] for t in (self.ids, self.valid, self.pos))
             if self.cache is not None:
@@ -224,9 +230,9 @@ def choose_tokens(logits: torch.Tensor, temperature: float) -> tuple[torch.Tenso
     the probability of the chosen token under softmax(logits) (the max probability when greedy)."""
     logits = logits.float()
     probs = torch.softmax(logits, dim=-1)
-    if temperature == 0:
-        confidence, tokens = probs.max(dim=-1)
-        return tokens, confidence
+    if temperature == 0:  # the argmax of the logits themselves, as every greedy path here takes it
+        tokens = logits.argmax(-1)
+        return tokens, probs.gather(-1, tokens[..., None])[..., 0]
     flat = torch.softmax(logits / temperature, dim=-1).reshape(-1, logits.shape[-1])
     tokens = torch.multinomial(flat, 1).reshape(logits.shape[:-1])
     return tokens, probs.gather(-1, tokens[..., None])[..., 0]

@@ -27,21 +27,26 @@ from .decoding_ar2dlm import (
 
 
 class AcceptanceCounter:
-    """How often the draft token at each offset (1 .. k) was verified and accepted, over open rows."""
+    """How often the draft token at each offset (1 .. k) was verified and accepted, over open rows (host
+    integers: a few per row and cycle, cheaper than tensor ops at decoding batch sizes)."""
 
     def __init__(self, max_drafts: int):
-        self.drafted = torch.zeros(max_drafts, dtype=torch.long)
-        self.accepted = torch.zeros(max_drafts, dtype=torch.long)
+        self.drafted = [0] * max_drafts
+        self.accepted = [0] * max_drafts
 
     def count(self, matched: list[int], drafts: int, was_open: list[bool]) -> None:
-        is_open = torch.tensor(was_open)
-        offsets = torch.arange(drafts)
-        self.drafted[:drafts] += int(is_open.sum())
-        self.accepted[:drafts] += ((offsets[None, :] < torch.tensor(matched)[:, None]) & is_open[:, None]).sum(0)
+        rows = [m for m, is_open in zip(matched, was_open, strict=True) if is_open]
+        for offset in range(drafts):
+            self.drafted[offset] += len(rows)
+            self.accepted[offset] += sum(m > offset for m in rows)
 
     def finish(self, stats: DecodeStats) -> None:
-        stats.drafted_by_offset = tuple(self.drafted.tolist())
-        stats.accepted_by_offset = tuple(self.accepted.tolist())
+        stats.drafted_by_offset, stats.accepted_by_offset = tuple(self.drafted), tuple(self.accepted)
+
+
+def verifier_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The verifier's tokens: the argmax at temperature 0 (its confidence is not needed), else sampled."""
+    return logits.argmax(-1) if temperature == 0 else choose_tokens(logits, temperature)[0]
 
 
 def leading_matches(verified: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
@@ -57,7 +62,7 @@ def _accept(state: KVState, out: Output, counter: AcceptanceCounter, verified: t
     was_open = [not out.done[row] for row in out.rows]
     out.emit_batch(verified, [m + 1 for m in matched])
     counter.count(matched, draft.shape[1] - 1, was_open)
-    state.reject_tail(matches + 1, draft.shape[1])
+    state.reject_tail(matches + 1, draft.shape[1], most_kept=max(matched) + 1)
     return matches
 
 
@@ -86,7 +91,7 @@ def linear_spec_decode(model, input_ids, attention_mask, settings: DecodeSetting
                                    drafting=torch.ones_like(draft, dtype=torch.bool))
             stats.nfe += 1
             draft[:, 1:] = logits[:, 1:].argmax(-1)
-        verified, _ = choose_tokens(state.forward(draft), settings.temperature)
+        verified = verifier_tokens(state.forward(draft), settings.temperature)
         stats.nfe += 1
         matches = _accept(state, out, counter, verified, draft)
         seed = verified.gather(1, matches[:, None])[:, 0]
@@ -147,7 +152,7 @@ def quadratic_spec_decode(model, input_ids, attention_mask, settings: DecodeSett
         _prefill_within(prompt_length, width, str(device)), keep=prompt_length,
         new_valid=torch.cat([prompt_valid, torch.ones_like(masks, dtype=torch.bool)], 1),
         drafting=_after(batch, prompt_length, width + 1, device))
-    seed, _ = choose_tokens(head_logits(model, hidden[:, prompt_length - 1]), settings.temperature)
+    seed = verifier_tokens(head_logits(model, hidden[:, prompt_length - 1]), settings.temperature)
     out.emit_batch(seed[:, None])
     block_start = torch.full((batch,), prompt_length, dtype=torch.long, device=device)
     next_drafts = _block_drafts(model, hidden, block_start, width)
@@ -164,11 +169,11 @@ def quadratic_spec_decode(model, input_ids, attention_mask, settings: DecodeSett
             tokens = torch.cat([draft, masks], 1)
         else:
             offsets, within = offsets[:1], within[:1, :1]
+        drafting = None if drafter is None else _after(batch, width + 1, tokens.shape[1] - width - 1, device)
         hidden = state.forward_structured(tokens, state.next_pos[:, None] + offsets[None, :], within,
-                                          keep=width + 1, drafting=_after(batch, width + 1, tokens.shape[1] - width - 1,
-                                                                         device))
+                                          keep=width + 1, drafting=drafting)
         stats.nfe += 1
-        verified, _ = choose_tokens(head_logits(model, hidden[:, : width + 1]), settings.temperature)
+        verified = verifier_tokens(head_logits(model, hidden[:, : width + 1]), settings.temperature)
         matches = _accept(state, out, counter, verified, draft)
         seed = verified.gather(1, matches[:, None])[:, 0]
         next_drafts = _block_drafts(model, hidden, (width + 1) * (matches + 1), width)
