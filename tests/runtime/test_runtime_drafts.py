@@ -59,7 +59,7 @@ def accepted_per_cycle(verify_passes: list[Forward]) -> list[list[int]]:
     accepted = []
     for row in range(verify_passes[0].tokens.shape[0]):
         seeds = [int(f.positions[row, 0]) for f in verify_passes if f.tokens.shape[0] > row]
-        accepted.append([after - before - 1 for before, after in zip(seeds, seeds[1:])])
+        accepted.append([after - before - 1 for before, after in zip(seeds, seeds[1:], strict=False)])
     return accepted
 
 

@@ -34,23 +34,6 @@ def _checkpoints(output: Path):
     return sorted(p.name for p in (output / "checkpoints").glob("step_*"))
 
 
-@pytest.fixture
-def kill_at(monkeypatch):
-    """``kill_at(step)``: the next run dies (KeyboardInterrupt, like kill -9) when it reaches ``step``."""
-    real_step = Trainer._train_step
-
-    def arm(step_to_kill):
-        def step(self, step):
-            if step == step_to_kill:
-                raise KeyboardInterrupt
-            return real_step(self, step)
-
-        monkeypatch.setattr(Trainer, "_train_step", step)
-
-    yield arm
-    monkeypatch.setattr(Trainer, "_train_step", real_step)
-
-
 def test_requeued_run_saves_past_pruning_and_matches_the_uninterrupted_run(run_setup, tmp_path, kill_at):
     """Three kills (a Slurm requeue loop); the second segment saves three times after its resume, which pruned
     the checkpoint it resumed from (the hf/ folder every save used to copy from there)."""

@@ -38,21 +38,14 @@ def test_a_drafter_step_changes_only_the_adapters(run_setup):
     assert saved["extra"][METADATA_KEY] == {"rank": 4, "alpha": 16.0, "target_modules": ["linear_proj"]}
 
 
-def test_drafter_resume_reproduces_the_uninterrupted_losses(run_setup, tmp_path, monkeypatch):
+def test_drafter_resume_reproduces_the_uninterrupted_losses(run_setup, tmp_path, kill_at):
     cfg, output = run_setup
     uninterrupted = Trainer(cfg(*DRAFTER, "train.steps=4", "checkpoint.save_interval=0",
                                 f"output={tmp_path / 'reference'}")).fit()
-    real_step = Trainer._train_step
-
-    def killed_at_three(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "_train_step", killed_at_three)
+    kill_at(3)
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg(*DRAFTER, "train.steps=4", "checkpoint.save_interval=2")).fit()
-    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    kill_at(-1)
     resumed = Trainer(cfg(*DRAFTER, "train.steps=4", "checkpoint.save_interval=2", "resume=true"))
     assert resumed.step == 2
     adapters = {n: p for n, p in _params(resumed).items() if ".adapter.linear_out" in n}

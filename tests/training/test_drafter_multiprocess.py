@@ -1,19 +1,12 @@
 """The drafter objective under parallel layouts (gloo, 2 processes through launch/torchrun.sh) gives the
 single-process curve: the adapters are sharded like their base layers and initialised from the full matrix."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from ar2dlm.conversion.convert import convert
 from ar2dlm.data.synthetic import examples, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHON": sys.executable}
+from .conftest import cli_train_runner
 
 
 @pytest.fixture
@@ -26,16 +19,7 @@ def drafter_run(make_tiny_hf, tmp_path, megatron_ready):
               "checkpoint.save_interval=0", "train.objective=drafter", "drafter.rank=4", "drafter.alpha=16",
               "drafter.top_k=16"]
 
-    def run(nproc: int, name: str, *overrides: str) -> list[dict]:
-        output = tmp_path / name
-        command = ([str(ROOT / "launch" / "torchrun.sh"), str(nproc)] if nproc > 1
-                   else [sys.executable, "-m", "ar2dlm.cli"])
-        result = subprocess.run([*command, "train", *common, f"output={output}", *overrides],
-                                capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
-        assert result.returncode == 0, result.stderr[-4000:]
-        return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
-    return run
+    return cli_train_runner(tmp_path, common)
 
 
 @pytest.mark.multiprocess

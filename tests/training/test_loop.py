@@ -29,23 +29,16 @@ def test_joint_training_loss_falls(run_setup):
     assert all(0 < h["mask_fraction"] < 1 and h["grad_norm"] > 0 and h["tokens_per_s"] > 0 for h in history)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_losses(run_setup, tmp_path, monkeypatch):
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(run_setup, tmp_path, kill_at):
     cfg, output = run_setup
     schedule = ("optim.schedule=cosine", "optim.min_lr=1e-4")  # the learning rate changes every step
     uninterrupted = Trainer(cfg("train.steps=6", "checkpoint.save_interval=3", *schedule,
                                 f"output={tmp_path / 'reference'}")).fit()
 
-    real_step = Trainer._train_step
-
-    def killed_at_five(self, step):
-        if step == 5:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "_train_step", killed_at_five)
+    kill_at(5)
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg("train.steps=6", "checkpoint.save_interval=3", *schedule)).fit()
-    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    kill_at(-1)
     resumed_trainer = Trainer(cfg("train.steps=6", "checkpoint.save_interval=3", "resume=true", *schedule))
     assert resumed_trainer.step == 3
     resumed = resumed_trainer.fit()
@@ -296,7 +289,7 @@ def test_per_term_loss_is_the_weighted_sum_of_the_term_means(run_setup):
         assert h["loss"] == pytest.approx(0.3 * h["dlm_loss"] + 1.0 * h["ar_loss"], rel=1e-6)
 
 
-def test_resume_with_the_levers_on_reproduces_the_uninterrupted_losses(run_setup, tmp_path, monkeypatch):
+def test_resume_with_the_levers_on_reproduces_the_uninterrupted_losses(run_setup, tmp_path, kill_at):
     """Complementary pairs, the drawn block sizes and per-term normalization depend only on (seed, sample, step):
     a run killed in step 3 and resumed from its step-2 checkpoint trains steps 3-4 as the uninterrupted run."""
     cfg, _ = run_setup
@@ -304,17 +297,10 @@ def test_resume_with_the_levers_on_reproduces_the_uninterrupted_losses(run_setup
               "diffusion.loss_normalization=per_term", "diffusion.noise_schedule=position")
     uninterrupted = Trainer(cfg("train.steps=4", "checkpoint.save_interval=2", *levers,
                                 f"output={tmp_path / 'reference'}")).fit()
-    real_step = Trainer._train_step
-
-    def killed_at_three(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "_train_step", killed_at_three)
+    kill_at(3)
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg("train.steps=4", "checkpoint.save_interval=2", *levers)).fit()
-    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    kill_at(-1)
     resumed = Trainer(cfg("train.steps=4", "checkpoint.save_interval=2", "resume=true", *levers)).fit()
     assert [h["step"] for h in resumed] == [3, 4]
     assert _losses(resumed) == _losses(uninterrupted[2:])

@@ -1,18 +1,11 @@
 """Parallel layouts on CPU (gloo, 2 processes through launch/torchrun.sh) give the single-process losses."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from ar2dlm.conversion.convert import convert
 from ar2dlm.data.synthetic import examples, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHON": sys.executable}
+from .conftest import cli_train_runner
 
 
 @pytest.fixture(params=[("LlamaForCausalLM", False)], ids=["llama"])  # (architecture, tied embeddings)
@@ -24,16 +17,7 @@ def setup(request, make_tiny_hf, tmp_path, megatron_ready):
               "data.seq_length=32", "diffusion.block_size=8", "train.global_batch_size=4",
               "optim.schedule=constant", "optim.warmup_steps=0", "optim.lr=3e-3"]
 
-    def run(nproc: int, name: str, *overrides: str) -> list[dict]:
-        output = tmp_path / name
-        command = ([str(ROOT / "launch" / "torchrun.sh"), str(nproc)] if nproc > 1
-                   else [sys.executable, "-m", "ar2dlm.cli"])
-        result = subprocess.run([*command, "train", *common, f"output={output}", *overrides],
-                                capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
-        assert result.returncode == 0, result.stderr[-4000:]
-        return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
-    return run
+    return cli_train_runner(tmp_path, common)
 
 
 def _assert_same_curve(a: list[dict], b: list[dict]) -> None:
