@@ -148,18 +148,37 @@ def eval_settings(cfg: DictConfig):
 
 
 def run_pipeline(cfg: DictConfig) -> int:
-    """CLI entry point of `ar2dlm run`."""
+    """CLI entry point of `ar2dlm run`; rank 0 holds the output's lock (one run per output) throughout."""
+    from ar2dlm.training.output_lock import output_lock
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # writable copy
+    output = check_output_dir(cfg.output, cfg.overwrite, inputs=[cfg.source])
+    with output_lock(output):  # one run per output: a second one stops here, before deleting anything
+        _empty(output)
+        return _run_stages(cfg, output)
+
+
+def _empty(output: Path) -> None:
+    """Delete everything in ``output`` but its lock file (``overwrite=true`` was given or it was empty)."""
+    from ar2dlm.training.output_lock import LOCK_FILE
+
+    for entry in output.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _run_stages(cfg: DictConfig, output: Path) -> int:
+    """The stages of :func:`run_pipeline` into the (empty, locked) ``output``."""
     from ar2dlm.conversion.convert import convert
     from ar2dlm.conversion.export import export
     from ar2dlm.eval.run import EvalSettings
     from ar2dlm.pipeline_report import write_run_report
     from ar2dlm.training.loop import Trainer
 
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # writable copy
-    output = check_output_dir(cfg.output, cfg.overwrite, inputs=[cfg.source])
-    if output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
     init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)
     clock = StageClock(STAGES)
     with clock.stage("source", cfg.source or cfg.source_gguf.file

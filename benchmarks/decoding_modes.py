@@ -1,4 +1,4 @@
-"""Compare the three decoding modes of the runtime on one model and the same prompts.
+"""Compare the decoding modes of the runtime (AR, diffusion, both self-speculation modes) on one model and the same prompts.
 
     python benchmarks/decoding_modes.py [--model EXPORT_DIR] [--max-new-tokens 64 --block-length 8
                                          --threshold 0.9 --device auto]
@@ -92,7 +92,7 @@ def main() -> None:
               f"{model.config._attn_implementation}) | {len(prompts)} prompts, batch 1 | "
               f"max_new_tokens {args.max_new_tokens} | block_length {args.block_length} | "
               f"threshold {args.threshold} | greedy")
-        results = {mode: run_mode(model, mode, prompts, args) for mode in ("ar", "diffusion", "self_spec")}
+        results = {mode: run_mode(model, mode, prompts, args) for mode in ("ar", "diffusion", "self_spec", "quad_spec")}
     ar_tokens, ar_nfe, ar_seconds = results["ar"]
     print(f"{'mode':<10} {'tokens':>7} {'NFE':>6} {'tok/fwd':>8} {'tok/s':>9} "
           f"{'tok/fwd vs AR':>14} {'tok/s vs AR':>12}")

@@ -216,3 +216,18 @@ def test_each_row_drafts_from_the_block_of_its_acceptance_length(arch, load_runt
             assert torch.equal(next_tokens[row, 1:next_width], expected), (row, matched)
             checked += 1
     assert checked >= 6
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_tied_embeddings_too(arch, make_export, prompt_batch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_export(arch, tie_word_embeddings=True),
+                                                 trust_remote_code=True).eval()
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    ids, mask = prompt_batch
+    ar, _ = model.ar_generate(ids, 10, attention_mask=mask, eos_token_id=NO_EOS)
+    for block_length in (3, 6):
+        quad, _ = model.quadratic_spec_generate(ids, 10, block_length=block_length, attention_mask=mask,
+                                                eos_token_id=NO_EOS)
+        assert torch.equal(quad, ar), block_length

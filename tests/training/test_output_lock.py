@@ -161,3 +161,18 @@ def test_without_flock_the_lock_file_is_the_lock(tmp_path, monkeypatch, ar2dlm_l
         with output_lock(output):
             pass
     assert json.loads((output / LOCK_FILE).read_text()) == live
+
+
+def test_a_second_run_on_an_output_in_use_stops_before_deleting_anything(tmp_path, capsys):
+    """`ar2dlm run overwrite=true` empties its output only once it holds the lock."""
+    output = tmp_path / "demo"
+    output.mkdir()
+    (output / "report.md").write_text("an earlier run's report\n")
+    holder = _holder(output)
+    try:
+        before = _tree(output)
+        assert main(["run", "recipe=demo", f"output={output}", "overwrite=true"]) == 2
+        assert "in use" in capsys.readouterr().err
+        assert _tree(output) == before
+    finally:
+        _kill(holder)
