@@ -160,3 +160,23 @@ def test_use_drafter_true_without_an_adapter_is_refused(load_runtime):
         model.linear_spec_generate(torch.tensor([[17, 42]]), 4, block_length=4, use_drafter=True)
     with pytest.raises(ValueError, match="use_drafter"):
         model.quadratic_spec_generate(torch.tensor([[17, 42]]), 4, block_length=4, use_drafter="yes")
+
+
+@pytest.mark.parametrize("method", ["linear_spec_generate", "quadratic_spec_generate"])
+def test_both_modes_draft_with_the_adapter(method, with_adapter, prompt_batch):
+    """The drafts that reach verification differ with and without the adapter (a mode that never switched it on
+    would still be lossless, so the equality tests above cannot tell)."""
+    model = with_adapter("LlamaForCausalLM", seed=4)
+    ids, mask = prompt_batch
+    decoder_inputs = {}
+    for use in (True, False):
+        seen = []
+        handle = model.get_decoder().register_forward_pre_hook(
+            lambda _m, _a, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
+        try:
+            getattr(model, method)(ids, 10, block_length=4, attention_mask=mask, eos_token_id=NO_EOS, use_drafter=use)
+        finally:
+            handle.remove()
+        decoder_inputs[use] = seen
+    assert any(a.shape != b.shape or not torch.equal(a, b)
+               for a, b in zip(decoder_inputs[True], decoder_inputs[False], strict=False))
