@@ -18,15 +18,17 @@ STAGE_ENTRY_POINTS: dict[str, str] = {
     "eval": "ar2dlm.eval.run:run_eval",
     "run": "ar2dlm.pipeline:run_pipeline",
     "data_prepare": "ar2dlm.data.prepare:run_prepare",
+    "data_continue": "ar2dlm.data.continuations:run_continue",
     "plan": "ar2dlm.planning.report:run_plan",
 }
 # options of one stage only: --NAME becomes the entry point's keyword argument NAME=True
 STAGE_OPTIONS: dict[str, dict[str, str]] = {"plan": {"--json": "print the plan as JSON (bytes, FLOPs, seconds)"}}
 # multi-word commands: `ar2dlm data prepare ...` runs stage data_prepare
-SUBCOMMANDS = {("data", "prepare"): "data_prepare"}
+SUBCOMMANDS = {("data", "prepare"): "data_prepare", ("data", "continue"): "data_continue"}
 
 USAGE = """usage: ar2dlm <stage> [recipe=NAME] [key=value ...] [--help | --cfg]
        ar2dlm data prepare source.path=... tokenizer=... output=...
+       ar2dlm data continue model=... source.path=... output=...
 
 stages:
 {stages}
@@ -41,7 +43,7 @@ def _usage() -> str:
     from ar2dlm.config.schema import STAGE_SUMMARIES
 
     names = {stage: " ".join(words) for words, stage in SUBCOMMANDS.items()}
-    return USAGE.format(stages="\n".join(f"  {names.get(name, name):<12} {text}"
+    return USAGE.format(stages="\n".join(f"  {names.get(name, name):<13} {text}"
                                           for name, text in STAGE_SUMMARIES.items()))
 
 

@@ -60,8 +60,10 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "drafter.kl_temperature": "objective drafter: temperature of the draft and verifier distributions in the KL / TV "
                               "terms (> 0)",
     "drafter.top_k": "objective drafter: the KL / TV terms run over the top-k tokens of both distributions (>= 1)",
-    "drafter.ce_weight": "objective drafter: weight of the CE of the draft against the true token, next to the "
+    "drafter.ce_weight": "objective drafter: weight of the CE of the draft against its target token, next to the "
                          "KL / TV mix's 1 (>= 0)",
+    "drafter.ce_target": "objective drafter: the CE term's target: data (the true token) | verifier (the verifier's "
+                         "greedy token)",
     "data.sources": "training data: a list of {path, kind, weight, ...} (see data.sources[] below / the README)",
     "data.seq_length": "tokens per training sequence (integer >= 1)",
     "data.pack": "pack documents into full sequences instead of padding each one (true | false)",
@@ -191,6 +193,14 @@ STAGE_DESCRIPTIONS: dict[str, dict[str, str]] = {
         "batch_size": "documents tokenised per batch (integer >= 1)",
         "max_document_chars": "longer texts are tokenised in pieces (integer >= 1)",
     },
+    "data_continue": {
+        "output": "JSONL file of {text, prompt, continuation} lines (new, or replaced with overwrite=true; "
+                  "not the source)",
+        "overwrite": "replace an existing output file (true | false); the source itself is never replaced",
+        "limit": "at most this many prompts (null: all; integer >= 1)",
+        "batch_size": "prompts decoded together, left-padded (integer >= 1)",
+        "strict": "stop at the first undecodable prompt instead of skipping it (true | false)",
+    },
     "plan": {
         "init": "ar2dlm checkpoint whose model is planned (null: the model.* description of the recipe)",
         "output": "not used by plan (accepted so that a train command line plans as it is)",
@@ -220,7 +230,7 @@ def _owner_key(stage: str, key: str) -> tuple[str, str]:
         return "eval", key.removeprefix("eval.")
     if stage == "run":
         return ("run", key) if key in STAGE_DESCRIPTIONS["run"] else ("train", key)
-    if stage == "data_prepare" and key.startswith("source."):
+    if stage in ("data_prepare", "data_continue") and key.startswith("source."):
         return "train", "data.sources[]." + key.removeprefix("source.")
     return stage, key
 

@@ -39,6 +39,7 @@ class DrafterConfig:
     kl_temperature: float = 3.0
     top_k: int = 200
     ce_weight: float = 1.0
+    ce_target: str = "data"  # data | verifier
 
 
 @dataclass
@@ -255,6 +256,22 @@ class DataPrepareStage:
 
 
 @dataclass
+class DataContinueStage:
+    """`ar2dlm data continue`: an export's own greedy AR continuations of prompts, as JSONL training data."""
+
+    model: str = "???"
+    source: DataSourceConfig = field(default_factory=DataSourceConfig)
+    output: str = "???"
+    overwrite: bool = False
+    limit: int | None = None  # at most this many prompts; null: all
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    device: str = "auto"
+    strict: bool = False
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
 class SourceModelConfig:
     """The small AR model that the demo trains from scratch when no ``source`` is given."""
 
@@ -317,6 +334,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "eval": EvalStage,
     "run": RunStage,
     "data_prepare": DataPrepareStage,
+    "data_continue": DataContinueStage,
     "plan": PlanStage,
 }
 
@@ -328,5 +346,6 @@ STAGE_SUMMARIES: dict[str, str] = {
     "eval": "quality and speed of every decoding mode",
     "run": "the whole chain: source model, convert, train, export, eval",
     "data_prepare": "tokenise a text source into a Megatron indexed dataset (.bin/.idx)",
+    "data_continue": "write a model's own greedy AR continuations of prompts as JSONL (drafter data)",
     "plan": "memory per GPU, FLOPs, time and communication of a train config, before submitting it",
 }

@@ -124,6 +124,7 @@ def _lever_rules(train: DictConfig, diffusion: DictConfig) -> Iterator[str]:
 def _drafter_rules(cfg: DictConfig) -> Iterator[str]:
     """The drafter objective's keys (checked whatever the objective) and what it needs of the run."""
     from ar2dlm.model.lora import KNOWN_TARGETS
+    from ar2dlm.training.drafter import CE_TARGETS
 
     drafter = _get(cfg, "drafter")
     if drafter is _ABSENT:
@@ -131,6 +132,8 @@ def _drafter_rules(cfg: DictConfig) -> Iterator[str]:
     yield from _at_least(cfg, "drafter.rank", 1)
     yield from _at_least(cfg, "drafter.top_k", 1)
     yield from _at_least(cfg, "drafter.ce_weight", 0)
+    if drafter.get("ce_target", "data") not in CE_TARGETS:
+        yield f"drafter.ce_target={drafter.ce_target!r} must be one of: {', '.join(CE_TARGETS)}"
     for key in ("alpha", "kl_temperature"):
         if not drafter[key] > 0:
             yield f"drafter.{key}={drafter[key]} must be > 0"
@@ -233,6 +236,13 @@ def _data_prepare_rules(cfg: DictConfig) -> Iterator[str]:
     yield from _at_least(cfg, "source.max_documents", 1)
 
 
+def _data_continue_rules(cfg: DictConfig) -> Iterator[str]:
+    yield from _at_least(cfg, "batch_size", 1)
+    yield from _at_least(cfg, "max_new_tokens", 1)
+    yield from _at_least(cfg, "limit", 1)
+    yield from _at_least(cfg, "source.max_documents", 1)
+
+
 def _plan_rules(cfg: DictConfig) -> Iterator[str]:
     """The train rules for the planned cluster (plan.gpus GPUs, not this machine), and the plan's own."""
     from ar2dlm.planning.run import planned_gpus
@@ -257,6 +267,7 @@ def _plan_rules(cfg: DictConfig) -> Iterator[str]:
 
 _STAGE_RULES: dict[str, Callable[[DictConfig], Iterator[str]]] = {
     "data_prepare": _data_prepare_rules,
+    "data_continue": _data_continue_rules,
     "convert": _convert_rules,
     "train": _training_rules,
     "export": lambda cfg: iter(()),

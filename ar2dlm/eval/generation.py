@@ -217,7 +217,12 @@ def generate_texts(model, tokenizer, prompts: Sequence[Sequence[int]], config: D
     pad_id, eos = pad_token_id(model, tokenizer), set(eos_token_ids(model))
     texts = []
     for chunk in batches(prompts, batch_size):
-        for new_ids in decode_batch(model, chunk, config, pad_id).new_ids:
-            ids = new_ids[:-1] if new_ids and new_ids[-1] in eos else new_ids
-            texts.append(cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops))
+        decoded = continuation_texts(tokenizer, decode_batch(model, chunk, config, pad_id).new_ids, eos)
+        texts.extend(cut_at_stop(text, stops) for text in decoded)
     return texts
+
+
+def continuation_texts(tokenizer, new_ids: Sequence[Sequence[int]], eos: set[int]) -> list[str]:
+    """The text of each row's new tokens, a final EOS and every special token dropped."""
+    return [tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=True)
+            for ids in new_ids]

@@ -12,12 +12,14 @@ seed being the block's first clean token. The adapters act on the draft stream o
 
 Per draft position j (every position but a block's seed, in the loss mask):
 
-    L_j = lambda_j KL(p_j^T || q_j^T) + (1 - lambda_j) TV(p_j^T, q_j^T) + ce_weight CE(q_j, x_0[j])
+    L_j = lambda_j KL(p_j^T || q_j^T) + (1 - lambda_j) TV(p_j^T, q_j^T) + ce_weight CE(q_j, y_j)
 
 p^T, q^T: softmax of logits / T restricted to the union of the top-K tokens of p and of q, renormalised there.
 lambda_j = exp(-0.5 sg[alpha_j]), alpha_j = the product over the earlier draft positions k of j's block of
 a_k = sum_x min(p_k(x), q_k(x)) (T = 1, full vocabulary): the chance that a speculative verifier accepts every
-draft before j. The loss is the sum of L_j over the step's draft positions divided by their number.
+draft before j. y_j is the data's token x_0[j] (``ce_target="data"``, the published loss) or the verifier's
+greedy token argmax p_j (``"verifier"``: what a greedy verifier accepts). The loss is the sum of L_j over the
+step's draft positions divided by their number.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ from ar2dlm.training.loss import LossParts, split_doubled
 from ar2dlm.training.noise import block_layout
 
 LAMBDA_SCALE = 0.5  # lambda_j = exp(-LAMBDA_SCALE * alpha_j)
+CE_TARGETS = ("data", "verifier")
 
 
 @dataclass(frozen=True)
 class DrafterLossConfig:
     temperature: float = 3.0  # softening of p and q in the KL / TV terms
     top_k: int = 200  # tokens of each distribution kept in the KL / TV terms
-    ce_weight: float = 1.0  # weight of the CE term against the true token (the KL / TV mix has weight 1)
+    ce_weight: float = 1.0  # weight of the CE term (the KL / TV mix has weight 1)
+    ce_target: str = "data"  # the CE term's target: the data's token (data) or the verifier's argmax (verifier)
 
     def __post_init__(self) -> None:
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -48,6 +52,8 @@ class DrafterLossConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not (self.ce_weight >= 0 and math.isfinite(self.ce_weight)):
             raise ValueError(f"ce_weight must be finite and >= 0, got {self.ce_weight}")
+        if self.ce_target not in CE_TARGETS:
+            raise ValueError(f"ce_target must be one of {CE_TARGETS}, got {self.ce_target!r}")
 
 
 def draft_stream(x0: Tensor, loss_mask: Tensor, document_ids: Tensor | None, block_size: int,
@@ -125,7 +131,8 @@ def drafter_loss_parts(logits: Tensor, x0: Tensor, scored: Tensor, in_block: Ten
     accept = torch.ones(x0.shape, dtype=torch.float32, device=device)
     accept[:, 1:][shifted_scored] = acceptance(draft[shifted_scored], target[shifted_scored])
     alpha = acceptance_prefix(accept, scored, in_block)[:, 1:]
-    losses, ce = position_losses(draft[shifted_scored], target[shifted_scored], x0[:, 1:][shifted_scored],
-                                 alpha[shifted_scored], config)
+    target = target[shifted_scored]
+    ce_targets = x0[:, 1:][shifted_scored] if config.ce_target == "data" else target.argmax(dim=-1)
+    losses, ce = position_losses(draft[shifted_scored], target, ce_targets, alpha[shifted_scored], config)
     count = scored.sum()
     return LossParts(losses.sum(), count, ce.sum(), count, dlm_weight=1.0, ar_weight=0.0)

@@ -2,12 +2,14 @@
 
 import math
 
+import pytest
 import torch
 
 from ar2dlm.data.loader import Batch
 from ar2dlm.model.gpt import build_model
 from ar2dlm.model.lora import LoraSettings, add_lora, set_adapter_mode
 from ar2dlm.training.drafter import (
+    CE_TARGETS,
     DrafterLossConfig,
     acceptance,
     acceptance_prefix,
@@ -129,3 +131,26 @@ def test_zero_init_drafter_logits_equal_the_base_models(tiny_provider):
                                            reduction="sum")
     torch.testing.assert_close(parts.ar_sum, ce)
     assert parts.loss().item() > 0 and torch.isfinite(clean).all()
+
+
+def test_verifier_ce_target_is_the_verifiers_argmax():
+    """ce_target=verifier: the CE term's target is argmax p_j, not the data's token (a drafter that learns the
+    corpus where it disagrees with the verifier drafts tokens the verifier rejects)."""
+    torch.manual_seed(0)
+    vocab, length = 6, 4
+    logits = torch.randn(1, 2 * length, vocab)
+    x0 = torch.tensor([[1, 2, 3, 4]])
+    scored = torch.tensor([[False, True, True, True]])
+    in_block = torch.tensor([[0, 1, 2, 3]])
+    draft, clean = logits[:, :length], logits[:, length:]
+    parts = {}
+    for target in CE_TARGETS:
+        config = DrafterLossConfig(top_k=vocab, ce_weight=1.0, ce_target=target)
+        parts[target] = drafter_loss_parts(logits, x0, scored, in_block, config)
+    log_q = torch.log_softmax(draft[0, 1:], dim=-1)
+    greedy = clean[0, :-1].argmax(dim=-1)
+    assert not torch.equal(greedy, x0[0, 1:])  # the two targets differ somewhere, so the test can fail
+    torch.testing.assert_close(parts["verifier"].ar_sum, -log_q.gather(1, greedy[:, None]).sum())
+    torch.testing.assert_close(parts["data"].ar_sum, -log_q.gather(1, x0[0, 1:, None]).sum())
+    with pytest.raises(ValueError, match="ce_target"):
+        DrafterLossConfig(ce_target="corpus")

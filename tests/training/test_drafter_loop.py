@@ -81,6 +81,7 @@ def test_a_checkpoint_without_a_mask_token_is_refused(run_setup, tmp_path):
     ("drafter.target_modules=[]", "has no trainable target"),
     ("diffusion.clean_pattern=block_causal", "needs diffusion.clean_pattern=causal"),
     ("drafter.kl_temperature=0", "drafter.kl_temperature=0.0 must be > 0"),
+    ("drafter.ce_target=corpus", "drafter.ce_target='corpus' must be one of: data, verifier"),
 ])
 def test_bad_drafter_configs_are_one_message(run_setup, override, message):
     cfg, _ = run_setup
