@@ -99,15 +99,18 @@ def _source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
 
 
 def _drafter(cfg: DictConfig, joint_checkpoint: Path, output: Path) -> Path:
-    """The drafter stage: its last checkpoint (the joint one when drafter_stage.steps is 0)."""
-    from ar2dlm.training.loop import Trainer
+    """The drafter stage: its last checkpoint (the joint one when drafter_stage.steps is 0). It drafts blocks of
+    the size the export decodes with (diffusion.decode_block_size when the joint stage trained another)."""
+    from ar2dlm.training.loop import Trainer, decode_block_size
 
     stage = cfg.drafter_stage
     if stage.steps == 0:
         logger.info("no drafter stage (drafter_stage.steps=0)")
         return joint_checkpoint
     train = {**OmegaConf.to_container(cfg.train), "objective": "drafter", "steps": stage.steps}
-    Trainer(_train_config(cfg, init=joint_checkpoint, output=output, train=train,
+    diffusion = {**OmegaConf.to_container(cfg.diffusion), "block_size": decode_block_size(cfg.diffusion),
+                 "decode_block_size": None, "random_block_sizes": []}
+    Trainer(_train_config(cfg, init=joint_checkpoint, output=output, train=train, diffusion=diffusion,
                           optim=OmegaConf.to_container(stage.optim))).fit()
     return sorted((output / "checkpoints").glob("step_*"))[-1]
 

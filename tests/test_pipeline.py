@@ -69,3 +69,30 @@ def test_the_run_passes_every_decoding_key_of_its_eval_section():
     assert settings.modes == ("ar", "quad_spec") and settings.draft_length == 5 and settings.use_drafter is False
     assert settings.block_lengths == (8, 16) and settings.levers["sub_block_length"] == 4
     assert settings.levers["confidence"] == "position"
+
+
+def test_the_drafter_stage_drafts_blocks_of_the_decoding_size(tmp_path, monkeypatch):
+    """A joint stage that trains at block 32 and decodes at 16 gets a drafter of 16-blocks: the runtime drafts
+    blocks of the size the export decodes with."""
+    import ar2dlm.training.loop as loop
+    from ar2dlm.pipeline import _drafter
+
+    seen = {}
+
+    class RecordingTrainer:
+        def __init__(self, cfg):
+            seen["cfg"] = cfg
+
+        def fit(self):
+            (tmp_path / "drafter" / "checkpoints" / "step_0000002").mkdir(parents=True)
+
+    monkeypatch.setattr(loop, "Trainer", RecordingTrainer)
+    cfg = compose_stage("run", ["recipe=demo", f"output={tmp_path}", "diffusion.block_size=32",
+                                "diffusion.decode_block_size=16", "diffusion.random_block_sizes=[8,32]",
+                                "drafter_stage.steps=2"])
+    final = _drafter(cfg, tmp_path / "joint", tmp_path / "drafter")
+    drafter = seen["cfg"]
+    assert final == tmp_path / "drafter" / "checkpoints" / "step_0000002"
+    assert (drafter.train.objective, drafter.train.steps) == ("drafter", 2)
+    assert drafter.diffusion.block_size == 16 and drafter.diffusion.decode_block_size is None
+    assert list(drafter.diffusion.random_block_sizes) == []  # 32 does not divide 16: the candidates of 16

@@ -79,7 +79,8 @@ class Trainer:
         resume_from = self._resume_point()
         start_from = resume_from or Path(cfg.init).expanduser()
         self.metadata = read_metadata(start_from)
-        if cfg.train.objective != "ar":  # what the weights are trained for: export writes it into config.json
+        # what the weights are trained for (export writes it into config.json); a drafter leaves its base as it was
+        if cfg.train.objective not in ("ar", "drafter"):
             self.metadata = self.metadata.trained_with(decode_block_size(cfg.diffusion), cfg.diffusion.clean_pattern,
                                                        train_block_size=cfg.diffusion.block_size)
         self.hf_dir = start_from / HF_DIR  # moves to each new checkpoint: older ones are pruned

@@ -10,6 +10,7 @@ from ar2dlm.config.compose import ConfigError
 from ar2dlm.errors import UserError
 from ar2dlm.model.checkpoint import METADATA_FILE
 from ar2dlm.model.lora import METADATA_KEY
+from ar2dlm.model.manifest import write_manifest
 from ar2dlm.training.loop import Trainer
 
 DRAFTER = ("train.objective=drafter", "drafter.rank=4", "drafter.alpha=16", "drafter.top_k=16", "optim.lr=1e-2",
@@ -36,6 +37,22 @@ def test_a_drafter_step_changes_only_the_adapters(run_setup):
     assert all(h["loss"] > 0 and h["grad_norm"] > 0 for h in history)
     saved = json.loads((output / "checkpoints" / "step_0000003" / METADATA_FILE).read_text())
     assert saved["extra"][METADATA_KEY] == {"rank": 4, "alpha": 16.0, "target_modules": ["linear_proj"]}
+
+
+def test_a_drafter_run_keeps_what_its_base_was_trained_for(run_setup, tmp_path):
+    """The base's decoding block and training block pass through a drafter run that drafts another block size:
+    the drafter trains no base weight, so it must not rewrite what the export decodes with."""
+    cfg, output = run_setup
+    init = tmp_path / "joint"
+    shutil.copytree(cfg().init, init)
+    metadata = json.loads((init / METADATA_FILE).read_text())
+    metadata.update(block_size=4, extra={**metadata["extra"], "train_block_size": 8})
+    (init / METADATA_FILE).write_text(json.dumps(metadata))
+    write_manifest(init)
+    Trainer(cfg(*DRAFTER, f"init={init}", "diffusion.block_size=16", "train.steps=1",
+                "checkpoint.save_interval=1")).fit()
+    saved = json.loads((output / "checkpoints" / "step_0000001" / METADATA_FILE).read_text())
+    assert (saved["block_size"], saved["extra"]["train_block_size"]) == (4, 8)
 
 
 def test_drafter_resume_reproduces_the_uninterrupted_losses(run_setup, tmp_path, kill_at):
