@@ -52,8 +52,8 @@ def test_code_in_the_source_folder_never_runs(make_tiny_hf, tiny_tokenizer, tmp_
     cfg = compose_stage("run", [
         "recipe=demo", f"source={source}", f"output={tmp_path / 'run'}", "demo.train_examples=40",
         "demo.eval_examples=2", "train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=2",
-        "data.seq_length=32", "diffusion.block_size=8", "eval.block_length=8", "eval.thresholds=[0.9]",
-        "eval.max_new_tokens=4", "eval.elbo_draws=0",
+        "data.seq_length=32", "diffusion.block_size=8", "diffusion.decode_block_size=null", "eval.block_length=8",
+        "eval.thresholds=[0.9]", "eval.max_new_tokens=4", "eval.elbo_draws=0", "drafter_stage.steps=1",
     ])
     assert run_pipeline(cfg) == 0
     assert not marker.exists()
