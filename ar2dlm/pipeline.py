@@ -100,7 +100,8 @@ def _source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
 
 def _drafter(cfg: DictConfig, joint_checkpoint: Path, output: Path) -> Path:
     """The drafter stage: its last checkpoint (the joint one when drafter_stage.steps is 0). It drafts blocks of
-    the size the export decodes with (diffusion.decode_block_size when the joint stage trained another)."""
+    the size the export decodes with: when the joint stage trained another (diffusion.decode_block_size), the
+    drafter trains at the decoding block, its random block sizes (if on) the default candidates of that block."""
     from ar2dlm.training.loop import Trainer, decode_block_size
 
     stage = cfg.drafter_stage
@@ -108,8 +109,9 @@ def _drafter(cfg: DictConfig, joint_checkpoint: Path, output: Path) -> Path:
         logger.info("no drafter stage (drafter_stage.steps=0)")
         return joint_checkpoint
     train = {**OmegaConf.to_container(cfg.train), "objective": "drafter", "steps": stage.steps}
-    diffusion = {**OmegaConf.to_container(cfg.diffusion), "block_size": decode_block_size(cfg.diffusion),
-                 "decode_block_size": None, "random_block_sizes": []}
+    diffusion = OmegaConf.to_container(cfg.diffusion)
+    if decode_block_size(cfg.diffusion) != cfg.diffusion.block_size:
+        diffusion.update(block_size=decode_block_size(cfg.diffusion), decode_block_size=None, random_block_sizes=[])
     Trainer(_train_config(cfg, init=joint_checkpoint, output=output, train=train, diffusion=diffusion,
                           optim=OmegaConf.to_container(stage.optim))).fit()
     return sorted((output / "checkpoints").glob("step_*"))[-1]

@@ -1,6 +1,7 @@
 """`ar2dlm run` end to end with a few steps per stage: every stage runs and the report is complete."""
 
 import json
+import shutil
 
 from ar2dlm.config import compose_stage
 from ar2dlm.pipeline import STAGES, run_pipeline
@@ -96,3 +97,8 @@ def test_the_drafter_stage_drafts_blocks_of_the_decoding_size(tmp_path, monkeypa
     assert (drafter.train.objective, drafter.train.steps) == ("drafter", 2)
     assert drafter.diffusion.block_size == 16 and drafter.diffusion.decode_block_size is None
     assert list(drafter.diffusion.random_block_sizes) == []  # 32 does not divide 16: the candidates of 16
+    same = compose_stage("run", ["recipe=demo", f"output={tmp_path}", "diffusion.block_size=16",
+                                 "diffusion.random_block_sizes=[4,8]", "drafter_stage.steps=2"])
+    shutil.rmtree(tmp_path / "drafter")
+    _drafter(same, tmp_path / "joint", tmp_path / "drafter")
+    assert seen["cfg"].diffusion.block_size == 16 and list(seen["cfg"].diffusion.random_block_sizes) == [4, 8]

@@ -132,7 +132,7 @@ def _drafter_rules(cfg: DictConfig) -> Iterator[str]:
     yield from _at_least(cfg, "drafter.rank", 1)
     yield from _at_least(cfg, "drafter.top_k", 1)
     yield from _at_least(cfg, "drafter.ce_weight", 0)
-    if drafter.get("ce_target", "data") not in CE_TARGETS:
+    if drafter.ce_target not in CE_TARGETS:
         yield f"drafter.ce_target={drafter.ce_target!r} must be one of: {', '.join(CE_TARGETS)}"
     for key in ("alpha", "kl_temperature"):
         if not drafter[key] > 0:

@@ -55,8 +55,6 @@ def check_output_file(output: str | Path, overwrite: bool, source_path: str) -> 
 
 def read_prompts(source, limit: int | None, strict: bool) -> list[str]:
     """The first ``limit`` (None: all) documents of ``source``'s text field; UserError when there are none."""
-    if limit is not None and limit < 1:
-        raise UserError(f"limit={limit} must be >= 1 (or null: all prompts)")
     stats = ReadStats()
     prompts = [record.value for record in islice(iter_records(source, sft=False, strict=strict, stats=stats), limit)]
     log_read_stats(str(source.path), stats)
@@ -75,8 +73,6 @@ def continue_batch(model, tokenizer, rows: Sequence[Sequence[int]], config: Deco
 def write_continuations(model, tokenizer, prompts: Sequence[str], output: Path, *, max_new_tokens: int,
                         batch_size: int, context: int | None) -> ContinueResult:
     """Decode every prompt and write the JSONL lines to a temporary file beside ``output``, then rename it."""
-    if batch_size < 1:
-        raise UserError(f"batch_size={batch_size} must be >= 1")
     config = DecodeConfig("ar", max_new_tokens=max_new_tokens)
     encoded = encode_prompts(tokenizer, prompts, context, max_new_tokens)
     pad_id, eos = pad_token_id(model, tokenizer), set(eos_token_ids(model))

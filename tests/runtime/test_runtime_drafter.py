@@ -172,7 +172,7 @@ def test_both_modes_draft_with_the_adapter(method, with_adapter, prompt_batch):
     for use in (True, False):
         seen = []
         handle = model.get_decoder().register_forward_pre_hook(
-            lambda _m, _a, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
+            lambda _m, _a, kwargs, seen=seen: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
         try:
             getattr(model, method)(ids, 10, block_length=4, attention_mask=mask, eos_token_id=NO_EOS, use_drafter=use)
         finally:
