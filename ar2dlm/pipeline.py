@@ -78,8 +78,10 @@ def _demo_source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
                             num_key_value_heads=spec.num_key_value_heads, intermediate_size=spec.intermediate_size,
                             tokenizer=tokenizer, seed=cfg.seed, tie_word_embeddings=True)
     convert(initial, output / "source_megatron", block_size=cfg.diffusion.block_size, overwrite=True)
+    data = {**OmegaConf.to_container(cfg.data, resolve=True), "eos_fill_to_block": False}  # a plain pretrained stand-in
     train_cfg = _train_config(cfg, init=output / "source_megatron", output=output / "source_train",
-                              train=OmegaConf.to_container(spec.train), optim=OmegaConf.to_container(spec.optim))
+                              train=OmegaConf.to_container(spec.train), optim=OmegaConf.to_container(spec.optim),
+                              data=data)
     history = Trainer(train_cfg).fit()
     final = sorted((output / "source_train" / "checkpoints").glob("step_*"))[-1]
     export(final, output / "source", overwrite=True)

@@ -102,3 +102,36 @@ def test_the_drafter_stage_drafts_blocks_of_the_decoding_size(tmp_path, monkeypa
     shutil.rmtree(tmp_path / "drafter")
     _drafter(same, tmp_path / "joint", tmp_path / "drafter")
     assert seen["cfg"].diffusion.block_size == 16 and list(seen["cfg"].diffusion.random_block_sizes) == [4, 8]
+
+
+def test_the_demo_source_trains_without_the_eos_fill(tmp_path, monkeypatch):
+    """The source stage stands in for a pretrained model, so data.eos_fill_to_block (a diffusion-training fill)
+    is off there whatever the recipe says; the joint stage keeps the recipe's data."""
+    import ar2dlm.conversion.convert as convert
+    import ar2dlm.conversion.export as export
+    import ar2dlm.model.hf_factory as hf_factory
+    import ar2dlm.training.loop as loop
+    from ar2dlm.data.synthetic import split_corpus, write_jsonl
+    from ar2dlm.pipeline import _demo_source
+
+    seen = {}
+
+    class RecordingTrainer:
+        def __init__(self, cfg):
+            seen["cfg"] = cfg
+
+        def fit(self):
+            (tmp_path / "run" / "source_train" / "checkpoints" / "step_0000001").mkdir(parents=True)
+            return [{"ar_loss": 1.0, "step": 1}]
+
+    monkeypatch.setattr(loop, "Trainer", RecordingTrainer)
+    monkeypatch.setattr(hf_factory, "make_hf_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr(convert, "convert", lambda *args, **kwargs: None)
+    monkeypatch.setattr(export, "export", lambda *args, **kwargs: None)
+    corpus = write_jsonl(tmp_path / "train.jsonl", split_corpus(50, 1, 0)[0])
+    cfg = compose_stage("run", ["recipe=demo", f"output={tmp_path / 'run'}", "data.eos_fill_to_block=true",
+                                "data.seq_length=64"])
+    _demo_source(cfg, tmp_path / "run", corpus)
+    assert seen["cfg"].data.eos_fill_to_block is False and seen["cfg"].data.seq_length == 64
+    assert seen["cfg"].train.objective == "ar"
+    assert cfg.data.eos_fill_to_block is True  # the run's own config (the joint stage's) is untouched

@@ -68,6 +68,9 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "data.seq_length": "tokens per training sequence (integer >= 1)",
     "data.pack": "pack documents into full sequences instead of padding each one (true | false)",
     "data.sft": "chat records (messages field): loss on assistant turns only (true | false)",
+    "data.eos_fill_to_block": "end each text document with EOS tokens, in the loss, up to a multiple of "
+                              "diffusion.block_size, as SFT responses are: diffusion then learns to end an answer "
+                              "inside a block (true | false; for corpora of short documents)",
     "data.validation_fraction": "share of the data held out for validation (in [0, 0.5])",
     "data.strict": "stop at the first undecodable document instead of skipping it with a warning (true | false)",
     "data.num_workers": "data-loader worker processes (0: in the training process)",

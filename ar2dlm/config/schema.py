@@ -61,6 +61,7 @@ class DataConfig:
     seq_length: int = 512
     pack: bool = True
     sft: bool = False
+    eos_fill_to_block: bool = False  # end each text document with EOS up to a multiple of diffusion.block_size
     validation_fraction: float = 0.0
     strict: bool = False
     num_workers: int = 0

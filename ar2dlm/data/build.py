@@ -26,6 +26,7 @@ from ar2dlm.data.tokenize import (
     encode_records,
     encode_texts,
     eos_id,
+    fill_to_block,
     pad_id,
     store_from_batches,
 )
@@ -36,16 +37,19 @@ _VALIDATION_STREAM = 7919  # keeps the validation split's randomness apart from 
 
 
 def load_store(source, tokenizer, *, sft: bool, strict: bool, block_size: int,
-               max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS, batch_size: int = 1000) -> TokenStore:
-    """Every document of ``source``, tokenised (or memory-mapped, for an indexed dataset)."""
+               max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS, batch_size: int = 1000,
+               eos_fill_to_block: bool = False) -> TokenStore:
+    """Every document of ``source``, tokenised (or memory-mapped, for an indexed dataset); with
+    ``eos_fill_to_block`` each text document ends with EOS up to a multiple of ``block_size``."""
     if resolve_kind(source) == "indexed":
         _refuse_indexed_sft(source, sft)
+        _refuse_indexed_fill(source, eos_fill_to_block)
         store = load_indexed(source.path, tokenizer)
     else:
         stats = ReadStats()
         records = progress(iter_records(source, sft=sft, strict=strict, stats=stats),
                            desc=f"tokenizing {source.path}", unit="doc")
-        encoder = _encoder(tokenizer, sft, block_size, max_document_chars)
+        encoder = _encoder(tokenizer, sft, block_size, max_document_chars, eos_fill_to_block)
         batches = encode_records(records, encoder, batch_size)
         store = store_from_batches(batches, eos_id(tokenizer))
         log_read_stats(str(source.path), stats)
@@ -54,10 +58,15 @@ def load_store(source, tokenizer, *, sft: bool, strict: bool, block_size: int,
     return store
 
 
-def _encoder(tokenizer, sft: bool, block_size: int, max_chars: int) -> Callable[[list[Record]], EncodedBatch]:
-    """Batch of records -> tokens: chats (SFT) or plain texts."""
+def _encoder(tokenizer, sft: bool, block_size: int, max_chars: int,
+             eos_fill_to_block: bool = False) -> Callable[[list[Record]], EncodedBatch]:
+    """Batch of records -> tokens: chats (SFT, their responses always filled to a block end) or plain texts."""
     if sft:
         return partial(encode_conversations, tokenizer, block_size=block_size, max_chars=max_chars)
+    if eos_fill_to_block:
+        eos = eos_id(tokenizer)
+        return lambda batch: fill_to_block(encode_texts(tokenizer, [record.value for record in batch], max_chars),
+                                           block_size, eos)
     return lambda batch: encode_texts(tokenizer, [record.value for record in batch], max_chars)
 
 
@@ -112,6 +121,7 @@ def check_sources(data_cfg) -> None:
         kind = resolve_kind(source)
         if kind == "indexed":
             _refuse_indexed_sft(source, data_cfg.sft)
+            _refuse_indexed_fill(source, data_cfg.eos_fill_to_block)
             continue
         if kind == "hub" and not Path(source.path).expanduser().exists():
             continue
@@ -134,6 +144,13 @@ def _refuse_indexed_sft(source, sft: bool) -> None:
                         "loss masks; SFT needs chat records (JSONL, Parquet or a dataset)")
 
 
+def _refuse_indexed_fill(source, eos_fill_to_block: bool) -> None:
+    if eos_fill_to_block:
+        raise UserError(f"data source {source.path}: data.eos_fill_to_block needs the documents' text (JSONL, "
+                        "Parquet, text files or a dataset); an indexed dataset is already tokenised and packed "
+                        "without the fill")
+
+
 def build_datasets(data_cfg, tokenizer, *, seq_length: int, block_size: int,
                    seed: int) -> tuple[PackedDataset, PackedDataset | None]:
     """The packed (train, validation) datasets of ``data_cfg`` (validation None when there is none)."""
@@ -142,7 +159,7 @@ def build_datasets(data_cfg, tokenizer, *, seq_length: int, block_size: int,
     weights = [float(s.weight) for s in sources]
     layout, pad = _layout(data_cfg), pad_id(tokenizer)
     options = dict(sft=data_cfg.sft, strict=data_cfg.strict, block_size=block_size,
-                   max_document_chars=data_cfg.max_document_chars)
+                   max_document_chars=data_cfg.max_document_chars, eos_fill_to_block=data_cfg.eos_fill_to_block)
     train, validation = [], []
     for index, source in enumerate(sources):
         store = load_store(source, tokenizer, **options)

@@ -121,6 +121,22 @@ def encode_texts(tokenizer, texts: list[str], max_chars: int = DEFAULT_MAX_DOCUM
     return EncodedBatch(tokens, lengths)
 
 
+def fill_to_block(batch: EncodedBatch, block_size: int, eos: int) -> EncodedBatch:
+    """Each document of ``batch`` followed by EOS tokens up to a multiple of ``block_size``, the fill in the loss.
+
+    Training counts diffusion blocks from each document's start and cuts the last block at the document's end, so
+    without the fill no block ever holds positions after an answer's end, while a decoded block of B masks runs
+    past it: the fill teaches the model to write the EOS there (what SFT does to responses, data/sft.py).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    fills = -batch.lengths % block_size
+    ends = np.cumsum(batch.lengths)
+    tokens = np.insert(batch.tokens, np.repeat(ends, fills), np.asarray(eos, dtype=batch.tokens.dtype))
+    loss_mask = None if batch.loss_mask is None else np.insert(batch.loss_mask, np.repeat(ends, fills), True)
+    return EncodedBatch(tokens, batch.lengths + fills, loss_mask)
+
+
 def encode_records(records: Iterable[Record], encode: Callable[[list[Record]], EncodedBatch],
                    batch_size: int = 1000) -> Iterator[EncodedBatch]:
     """``encode`` applied to consecutive batches of ``records``."""
