@@ -153,9 +153,8 @@ def _drafter_rules(cfg: DictConfig) -> Iterator[str]:
         yield "train.objective=drafter does not support parallel.context > 1 yet"
     if parallel.sequence_parallel:
         yield "train.objective=drafter does not support parallel.sequence_parallel"
-    for key in ("complementary_masking", "random_block_prob"):
-        if diffusion.get(key):
-            yield f"train.objective=drafter has no noise: diffusion.{key} does not apply to it"
+    if diffusion.complementary_masking:  # random_block_prob applies: the drafts' blocks are then of random sizes
+        yield "train.objective=drafter has no noise: diffusion.complementary_masking does not apply to it"
 
 
 def _layout_rules(train: DictConfig, parallel: DictConfig, world: int | None = None) -> Iterator[str]:

@@ -99,12 +99,19 @@ def test_a_checkpoint_without_a_mask_token_is_refused(run_setup, tmp_path):
     ("diffusion.clean_pattern=block_causal", "needs diffusion.clean_pattern=causal"),
     ("drafter.kl_temperature=0", "drafter.kl_temperature=0.0 must be > 0"),
     ("drafter.ce_target=corpus", "drafter.ce_target='corpus' must be one of: data, verifier"),
+    ("diffusion.complementary_masking=true", "has no noise: diffusion.complementary_masking does not apply"),
 ])
 def test_bad_drafter_configs_are_one_message(run_setup, override, message):
     cfg, _ = run_setup
     with pytest.raises(ConfigError) as error:
         cfg(*DRAFTER, override)
     assert message in str(error.value)
+
+
+def test_a_drafter_may_draft_blocks_of_random_sizes(run_setup):
+    """What the demo's drafter stage does (it inherits the joint stage's random_block_prob): `train` accepts it."""
+    cfg, _ = run_setup
+    assert cfg(*DRAFTER, "diffusion.random_block_prob=1.0").diffusion.random_block_prob == 1.0
 
 
 def test_a_pattern_matching_no_layer_is_refused(run_setup):
