@@ -63,11 +63,13 @@ def _encoder(tokenizer, sft: bool, block_size: int, max_chars: int,
     """Batch of records -> tokens: chats (SFT, their responses always filled to a block end) or plain texts."""
     if sft:
         return partial(encode_conversations, tokenizer, block_size=block_size, max_chars=max_chars)
-    if eos_fill_to_block:
-        eos = eos_id(tokenizer)
-        return lambda batch: fill_to_block(encode_texts(tokenizer, [record.value for record in batch], max_chars),
-                                           block_size, eos)
-    return lambda batch: encode_texts(tokenizer, [record.value for record in batch], max_chars)
+    eos = eos_id(tokenizer)
+
+    def encode(batch: list[Record]) -> EncodedBatch:
+        encoded = encode_texts(tokenizer, [record.value for record in batch], max_chars)
+        return fill_to_block(encoded, block_size, eos) if eos_fill_to_block else encoded
+
+    return encode
 
 
 def split_validation(store: TokenStore, fraction: float, seed: int,

@@ -44,11 +44,12 @@ def test_packed_rows_hold_whole_filled_documents(tokenizer, write_jsonl, data_cf
     eos = tokenizer.eos_token_id
     rows = [train[i] for i in range(len(train))]
     lengths = [len(p) for row in rows for p in _documents(row)]
-    if not fill:  # the corpus's own lengths, not block multiples: what the fill changes
-        assert any(n % 8 for n in texts.lengths)
-        return
     whole = [p for row in rows for p in _documents(row) if p[0] > 0 and p[-1] < 31]  # documents not cut by a row
-    assert whole and all(len(p) % 8 == 0 for p in whole)
+    assert whole
+    if not fill:  # the corpus's own lengths, not block multiples: what the fill changes
+        assert sum(lengths) == int(texts.lengths.sum()) and any(len(p) % 8 for p in whole)
+        return
+    assert all(len(p) % 8 == 0 for p in whole)
     assert sum(lengths) == int(sum(-(-n // 8) * 8 for n in texts.lengths))
     for row in rows:
         for positions in _documents(row):
