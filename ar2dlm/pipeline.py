@@ -62,6 +62,14 @@ def _corpus(cfg: DictConfig, data_dir: Path) -> tuple[Path, Path]:
     return write_jsonl(data_dir / "train.jsonl", train), write_jsonl(data_dir / "eval.jsonl", held_out)
 
 
+def corpus_source(cfg: DictConfig, corpus: Path, *, whole_text: bool = False) -> dict:
+    """The demo corpus as a data source: its whole texts, or (``demo.loss_on_answers``, unless ``whole_text``)
+    its prompt / answer pairs with the loss on the answers."""
+    pairs = cfg.demo.loss_on_answers and not whole_text
+    fields = {"text_field": "answer", "prompt_field": "prompt"} if pairs else {}
+    return OmegaConf.to_container(OmegaConf.structured(DataSourceConfig(path=str(corpus), **fields)))
+
+
 def _demo_source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
     """Train the stand-in pretrained model: a small random model of the chosen family, objective=ar."""
     from ar2dlm.conversion.convert import convert
@@ -78,7 +86,9 @@ def _demo_source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
                             num_key_value_heads=spec.num_key_value_heads, intermediate_size=spec.intermediate_size,
                             tokenizer=tokenizer, seed=cfg.seed, tie_word_embeddings=True)
     convert(initial, output / "source_megatron", block_size=cfg.diffusion.block_size, overwrite=True)
-    data = {**OmegaConf.to_container(cfg.data, resolve=True), "eos_fill_to_block": False}  # a plain pretrained stand-in
+    # a plain pretrained stand-in: the whole texts in the loss, no EOS fill
+    data = {**OmegaConf.to_container(cfg.data, resolve=True), "eos_fill_to_block": False,
+            "sources": [corpus_source(cfg, corpus, whole_text=True)]}
     train_cfg = _train_config(cfg, init=output / "source_megatron", output=output / "source_train",
                               train=OmegaConf.to_container(spec.train), optim=OmegaConf.to_container(spec.optim),
                               data=data)
@@ -193,8 +203,7 @@ def _run_stages(cfg: DictConfig, output: Path) -> int:
         train_corpus, eval_corpus = _corpus(cfg, output / "data")
         if cfg.data.sources:
             raise UserError("ar2dlm run trains on the generated demo corpus; use `ar2dlm train` for your own data")
-        corpus_source = OmegaConf.to_container(OmegaConf.structured(DataSourceConfig(path=str(train_corpus))))
-        data = {**OmegaConf.to_container(cfg.data), "sources": [corpus_source]}
+        data = {**OmegaConf.to_container(cfg.data), "sources": [corpus_source(cfg, train_corpus)]}
         cfg = OmegaConf.merge(cfg, {"data": data})
         source = _source(cfg, output, train_corpus)
     with clock.stage("convert", str(source)):

@@ -58,10 +58,10 @@ def with_corpus(cfg, train_corpus: Path):
     """The run config training on the demo corpus file (what `ar2dlm run` does before its stages)."""
     from omegaconf import OmegaConf
 
-    from ar2dlm.config.schema import DataSourceConfig
+    from ar2dlm.pipeline import corpus_source
 
-    source = OmegaConf.to_container(OmegaConf.structured(DataSourceConfig(path=str(train_corpus))))
-    return OmegaConf.merge(cfg, {"data": {**OmegaConf.to_container(cfg.data), "sources": [source]}})
+    return OmegaConf.merge(cfg, {"data": {**OmegaConf.to_container(cfg.data),
+                                          "sources": [corpus_source(cfg, train_corpus)]}})
 
 
 def build_source(cfg, folder: Path) -> None:

@@ -3,7 +3,11 @@
 import json
 import shutil
 
+import pytest
+from omegaconf import OmegaConf
+
 from ar2dlm.config import compose_stage
+from ar2dlm.config.schema import DataSourceConfig
 from ar2dlm.pipeline import STAGES, run_pipeline
 
 
@@ -104,9 +108,10 @@ def test_the_drafter_stage_drafts_blocks_of_the_decoding_size(tmp_path, monkeypa
     assert seen["cfg"].diffusion.block_size == 16 and list(seen["cfg"].diffusion.random_block_sizes) == [4, 8]
 
 
-def test_the_demo_source_trains_without_the_eos_fill(tmp_path, monkeypatch):
+def test_the_demo_source_trains_on_whole_texts_without_the_eos_fill(tmp_path, monkeypatch):
     """The source stage stands in for a pretrained model, so data.eos_fill_to_block (a diffusion-training fill)
-    is off there whatever the recipe says; the joint stage keeps the recipe's data."""
+    is off there and its loss covers whole texts, whatever the recipe says; the joint stage keeps the recipe's
+    data."""
     import ar2dlm.conversion.convert as convert
     import ar2dlm.conversion.export as export
     import ar2dlm.model.hf_factory as hf_factory
@@ -130,8 +135,26 @@ def test_the_demo_source_trains_without_the_eos_fill(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "export", lambda *args, **kwargs: None)
     corpus = write_jsonl(tmp_path / "train.jsonl", split_corpus(50, 1, 0)[0])
     cfg = compose_stage("run", ["recipe=demo", f"output={tmp_path / 'run'}", "data.eos_fill_to_block=true",
-                                "data.seq_length=64"])
+                                "data.seq_length=64", "demo.loss_on_answers=true"])
     _demo_source(cfg, tmp_path / "run", corpus)
     assert seen["cfg"].data.eos_fill_to_block is False and seen["cfg"].data.seq_length == 64
+    (source,) = seen["cfg"].data.sources
+    assert source.path == str(corpus) and source.text_field == "text" and source.prompt_field is None
     assert seen["cfg"].train.objective == "ar"
     assert cfg.data.eos_fill_to_block is True  # the run's own config (the joint stage's) is untouched
+
+
+@pytest.mark.parametrize("answers", [False, True])
+def test_the_demo_corpus_trains_on_answers_when_asked(tmp_path, answers):
+    """demo.loss_on_answers reads the corpus as prompt / answer pairs, whose concatenation is the whole text."""
+    from ar2dlm.data.sources import ReadStats, iter_records
+    from ar2dlm.data.synthetic import split_corpus, write_jsonl
+    from ar2dlm.pipeline import corpus_source
+
+    corpus = write_jsonl(tmp_path / "train.jsonl", split_corpus(20, 1, 0)[0])
+    cfg = compose_stage("run", ["recipe=demo", f"output={tmp_path}", f"demo.loss_on_answers={answers}"])
+    source = OmegaConf.structured(DataSourceConfig(**corpus_source(cfg, corpus)))
+    values = [r.value for r in iter_records(source, sft=False, strict=True, stats=ReadStats())]
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert ["".join(v) for v in values] == texts if answers else values == texts
+    assert all(isinstance(v, tuple) and v[0].endswith("=") for v in values) == answers

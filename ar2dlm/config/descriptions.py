@@ -81,6 +81,8 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "data.sources[].weight": "sampling weight of this source in a blend (>= 0)",
     "data.sources[].text_field": "field holding the text in jsonl / parquet / hub records",
     "data.sources[].messages_field": "field holding the chat messages (data.sft=true)",
+    "data.sources[].prompt_field": "prompt / completion records: a field whose text comes before text_field's, "
+                                   "in context but out of the loss (loss on the completion and its EOS only)",
     "data.sources[].split": "hub dataset split",
     "data.sources[].streaming": "stream a hub dataset instead of downloading it whole (true | false)",
     "data.sources[].sample_by": "text files: line (a document per line) or document (a document per file)",

@@ -49,6 +49,7 @@ class DataSourceConfig:
     weight: float = 1.0
     text_field: str = "text"
     messages_field: str = "messages"
+    prompt_field: str | None = None  # prompt / completion records: this field's text first, out of the loss
     split: str = "train"
     streaming: bool = False
     sample_by: str = "line"  # text files: line (a document per line) | document (a document per file)
@@ -294,6 +295,7 @@ class DemoCorpusConfig:
     train_examples: int = 20000
     eval_examples: int = 200
     tokenizer_vocab_size: int = 160
+    loss_on_answers: bool = False  # joint / drafter stages: prompt / answer records, loss on the answers only
 
 
 @dataclass

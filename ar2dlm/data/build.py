@@ -23,6 +23,7 @@ from ar2dlm.data.tokenize import (
     DEFAULT_MAX_DOCUMENT_CHARS,
     EncodedBatch,
     TokenStore,
+    encode_prompted,
     encode_records,
     encode_texts,
     eos_id,
@@ -44,12 +45,14 @@ def load_store(source, tokenizer, *, sft: bool, strict: bool, block_size: int,
     if resolve_kind(source) == "indexed":
         _refuse_indexed_sft(source, sft)
         _refuse_indexed_fill(source, eos_fill_to_block)
+        _refuse_indexed_prompts(source)
         store = load_indexed(source.path, tokenizer)
     else:
         stats = ReadStats()
         records = progress(iter_records(source, sft=sft, strict=strict, stats=stats),
                            desc=f"tokenizing {source.path}", unit="doc")
-        encoder = _encoder(tokenizer, sft, block_size, max_document_chars, eos_fill_to_block)
+        encoder = _encoder(tokenizer, sft, block_size, max_document_chars, eos_fill_to_block,
+                           prompted=bool(source.prompt_field))
         batches = encode_records(records, encoder, batch_size)
         store = store_from_batches(batches, eos_id(tokenizer))
         log_read_stats(str(source.path), stats)
@@ -58,15 +61,17 @@ def load_store(source, tokenizer, *, sft: bool, strict: bool, block_size: int,
     return store
 
 
-def _encoder(tokenizer, sft: bool, block_size: int, max_chars: int,
-             eos_fill_to_block: bool = False) -> Callable[[list[Record]], EncodedBatch]:
-    """Batch of records -> tokens: chats (SFT, their responses always filled to a block end) or plain texts."""
+def _encoder(tokenizer, sft: bool, block_size: int, max_chars: int, eos_fill_to_block: bool = False,
+             prompted: bool = False) -> Callable[[list[Record]], EncodedBatch]:
+    """Batch of records -> tokens: chats (SFT, their responses always filled to a block end), prompt / completion
+    pairs or plain texts."""
     if sft:
         return partial(encode_conversations, tokenizer, block_size=block_size, max_chars=max_chars)
     eos = eos_id(tokenizer)
 
     def encode(batch: list[Record]) -> EncodedBatch:
-        encoded = encode_texts(tokenizer, [record.value for record in batch], max_chars)
+        encoded = (encode_prompted(tokenizer, batch, max_chars) if prompted
+                   else encode_texts(tokenizer, [record.value for record in batch], max_chars))
         return fill_to_block(encoded, block_size, eos) if eos_fill_to_block else encoded
 
     return encode
@@ -124,6 +129,7 @@ def check_sources(data_cfg) -> None:
         if kind == "indexed":
             _refuse_indexed_sft(source, data_cfg.sft)
             _refuse_indexed_fill(source, data_cfg.eos_fill_to_block)
+            _refuse_indexed_prompts(source)
             continue
         if kind == "hub" and not Path(source.path).expanduser().exists():
             continue
@@ -151,6 +157,12 @@ def _refuse_indexed_fill(source, eos_fill_to_block: bool) -> None:
         raise UserError(f"data source {source.path}: data.eos_fill_to_block needs the documents' text (JSONL, "
                         "Parquet, text files or a dataset); an indexed dataset is already tokenised and packed "
                         "without the fill")
+
+
+def _refuse_indexed_prompts(source) -> None:
+    if source.prompt_field:
+        raise UserError(f"data source {source.path}: prompt_field={source.prompt_field!r} needs prompt / completion "
+                        "records (JSONL, Parquet or a dataset); an indexed dataset holds tokens without loss masks")
 
 
 def build_datasets(data_cfg, tokenizer, *, seq_length: int, block_size: int,

@@ -54,9 +54,11 @@ def check_output_file(output: str | Path, overwrite: bool, source_path: str) -> 
 
 
 def read_prompts(source, limit: int | None, strict: bool) -> list[str]:
-    """The first ``limit`` (None: all) documents of ``source``'s text field; UserError when there are none."""
+    """The first ``limit`` (None: all) documents of ``source``'s text field (with a ``prompt_field``, the prompts
+    of its prompt / completion records); UserError when there are none."""
     stats = ReadStats()
-    prompts = [record.value for record in islice(iter_records(source, sft=False, strict=strict, stats=stats), limit)]
+    records = islice(iter_records(source, sft=False, strict=strict, stats=stats), limit)
+    prompts = [record.value[0] if source.prompt_field else record.value for record in records]
     log_read_stats(str(source.path), stats)
     if not prompts:
         raise UserError(f"data source {source.path} has no prompts (text field {source.text_field!r})")

@@ -41,6 +41,10 @@ def prepare(source, tokenizer, output: str, *, tokenizer_name: str = "", overwri
         raise UserError(f"data source {source.path} is already a Megatron indexed dataset")
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be >= 1")
+    if source.prompt_field:
+        raise UserError(f"data source {source.path}: prompt_field={source.prompt_field!r}: an indexed dataset holds "
+                        "tokens without loss masks, so prompt / completion records train from their JSONL / "
+                        "Parquet / dataset source directly")
     stats = ReadStats()
     records = progress(iter_records(source, sft=False, strict=strict, stats=stats),
                        desc=f"tokenizing {source.path}", unit="doc")

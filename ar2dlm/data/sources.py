@@ -28,7 +28,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class Record:
-    """One document: its text (or list of chat messages) and where it was read."""
+    """One document: its text (a list of chat messages; a (prompt, completion) pair) and where it was read."""
 
     value: Any
     where: str
@@ -98,6 +98,10 @@ def iter_records(source, *, sft: bool, strict: bool, stats: ReadStats) -> Iterat
     kind = resolve_kind(source)
     if kind == "indexed":
         raise UserError(f"data source {source.path} is a Megatron indexed dataset (tokens, not text)")
+    if sft and source.prompt_field:
+        raise UserError(f"data source {source.path}: prompt_field={source.prompt_field!r} is for prompt / "
+                        "completion records; SFT chats mark their prompts by role (set data.sft=false, or drop "
+                        "prompt_field)")
     if kind == "hub":
         records = _hub_records(source, field, sft, strict, stats)
     else:
@@ -132,6 +136,9 @@ def _text_records(path: Path, field: str, sft: bool, strict: bool, stats: ReadSt
     if sft:
         raise UserError(f"{path}: a plain text file has no {field!r} field; SFT needs JSONL, Parquet or a "
                         "dataset with chat messages")
+    if source.prompt_field:
+        raise UserError(f"{path}: a plain text file has no {source.prompt_field!r} field; prompt / completion "
+                        "records need JSONL, Parquet or a dataset")
     sample_by = source.sample_by
     if sample_by not in SAMPLE_BY:
         raise UserError(f"data source {source.path}: sample_by={sample_by!r} is not one of: "
@@ -174,7 +181,7 @@ def _jsonl_records(path: Path, field: str, sft: bool, strict: bool, stats: ReadS
             if line is None or not line.strip():
                 continue
             record = parse_json_object(line, where)
-            value = field_value(record, field, sft, where, stats)
+            value = document_value(record, field, source.prompt_field, sft, where, stats)
             if value is not None:
                 yield Record(value, where)
 
@@ -187,15 +194,17 @@ def _parquet_records(path: Path, field: str, sft: bool, strict: bool, stats: Rea
         table = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises several types for a broken file
         raise UserError(f"{path}: cannot read Parquet ({error})".splitlines()[0]) from None
-    if field not in table.schema_arrow.names:
-        raise UserError(f"{path}: no {field!r} column (columns: {', '.join(table.schema_arrow.names)}); "
-                        f"set {'messages_field' if sft else 'text_field'} of the source")
+    columns = [field] + ([source.prompt_field] if source.prompt_field else [])
+    for column, key in zip(columns, ["messages_field" if sft else "text_field", "prompt_field"], strict=False):
+        if column not in table.schema_arrow.names:
+            raise UserError(f"{path}: no {column!r} column (columns: {', '.join(table.schema_arrow.names)}); "
+                            f"set {key} of the source")
     number = 0
-    for batch in table.iter_batches(columns=[field], batch_size=4096):
-        for value in batch.column(0).to_pylist():
+    for batch in table.iter_batches(columns=columns, batch_size=4096):
+        for row in batch.to_pylist():
             where = f"{path} record {number}"
             number += 1
-            value = field_value({field: value}, field, sft, where, stats, strict)
+            value = document_value(row, field, source.prompt_field, sft, where, stats, strict)
             if value is not None:
                 yield Record(value, where)
 
@@ -206,7 +215,7 @@ def _hub_records(source, field: str, sft: bool, strict: bool, stats: ReadStats) 
     try:
         for number, record in enumerate(dataset):
             where = f"{name} record {number}"
-            value = field_value(record, field, sft, where, stats, strict)
+            value = document_value(record, field, source.prompt_field, sft, where, stats, strict)
             if value is not None:
                 yield Record(value, where)
     except (ConnectionError, TimeoutError, OSError) as error:
@@ -227,6 +236,26 @@ def _load_dataset(source, name: str):
                         "dataset where there is network, or use a local copy".splitlines()[0]) from None
     except Exception as error:  # datasets raises many types: not found, bad split, bad files
         raise UserError(f"cannot load {name}: {type(error).__name__}: {error}".splitlines()[0]) from None
+
+
+def document_value(record: dict, field: str, prompt_field: str | None, sft: bool, where: str, stats: ReadStats,
+                   strict: bool = True):
+    """:func:`field_value`, or with ``prompt_field`` the pair (prompt, completion): the prompt may be empty, the
+    completion (``field``) may not (an empty one skips the record, as an empty text does)."""
+    value = field_value(record, field, sft, where, stats, strict)
+    if value is None or not prompt_field:
+        return value
+    if prompt_field not in record:
+        raise UserError(f"{where}: record has no {prompt_field!r} field (fields: {', '.join(map(str, record))}); "
+                        "set prompt_field of the source")
+    prompt = record[prompt_field]
+    if isinstance(prompt, bytes):
+        prompt = _decode(prompt, where, strict, stats)
+        if prompt is None:
+            return None
+    if not isinstance(prompt, str):
+        raise UserError(f"{where}: {prompt_field!r} is {type(prompt).__name__}, not a string")
+    return prompt, value
 
 
 def field_value(record: dict, field: str, sft: bool, where: str, stats: ReadStats, strict: bool = True):

@@ -6,6 +6,9 @@ the families that use one) and always ends with EOS, which separates it from the
 No tokenizer call sees more than ``max_chars`` characters (``data.max_document_chars``): a fast tokenizer
 holds ~100+ bytes per character while it works, so a longer document is cut into pieces before a
 whitespace, tokenised piece by piece and concatenated (special tokens of the first piece, one EOS at the end).
+
+A prompt / completion record (``prompt_field`` of a source) is its prompt, out of the loss, then its
+completion and EOS, in it: what a model sees and writes when it answers that prompt.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class EncodedBatch:
 
     tokens: np.ndarray
     lengths: np.ndarray
-    loss_mask: np.ndarray | None = None  # per token (SFT); None: every token is in the loss
+    loss_mask: np.ndarray | None = None  # per token (SFT, prompt / completion); None: every token is in the loss
 
 
 def split_text(text: str, max_chars: int) -> Iterator[str]:
@@ -119,6 +122,31 @@ def encode_texts(tokenizer, texts: list[str], max_chars: int = DEFAULT_MAX_DOCUM
     lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
     tokens = np.concatenate(sequences) if sequences else np.zeros(0, TOKEN_DTYPE)
     return EncodedBatch(tokens, lengths)
+
+
+def encode_prompted(tokenizer, records: list[Record], max_chars: int = DEFAULT_MAX_DOCUMENT_CHARS) -> EncodedBatch:
+    """Tokenise (prompt, completion) records: the prompt as inference encodes one (alone, with the tokenizer's
+    special tokens, less an EOS it ends with) out of the loss, then the completion's tokens and one EOS in it.
+
+    A pair cannot be cut without losing its prompt: one longer than ``max_chars`` characters is refused.
+    """
+    for record in records:
+        if sum(map(len, record.value)) > max_chars:
+            raise UserError(f"{record.where}: the prompt and completion have {sum(map(len, record.value)):,} "
+                            f"characters, more than data.max_document_chars={max_chars:,}; a pair cannot be split "
+                            "into pieces: shorten or drop it, or raise data.max_document_chars")
+    eos = np.asarray([eos_id(tokenizer)], dtype=TOKEN_DTYPE)
+    sequences, masks = [], []
+    for group in char_bounded_groups(records, lambda record: sum(map(len, record.value)), max_chars):
+        prompts = _token_ids(tokenizer, [record.value[0] for record in group], special=True)
+        completions = _token_ids(tokenizer, [record.value[1] for record in group], special=False)
+        for prompt, completion in zip(prompts, completions, strict=True):
+            if len(prompt) and prompt[-1] == eos[0]:
+                prompt = prompt[:-1]
+            sequences.append(np.concatenate([prompt, completion, eos]))
+            masks.append(np.arange(len(sequences[-1])) >= len(prompt))
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    return EncodedBatch(np.concatenate(sequences), lengths, np.concatenate(masks))
 
 
 def fill_to_block(batch: EncodedBatch, block_size: int, eos: int) -> EncodedBatch:
