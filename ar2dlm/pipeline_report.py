@@ -19,7 +19,15 @@ def _lossless(rows: list[dict], mode: str = "self_spec") -> dict:
     return {"identical": same, "examples": len(spec)}
 
 
-def _line(model: str, result: dict, perplexity: float | None = None) -> dict:
+def decoding_label(eval_cfg) -> str:
+    """The run's diffusion decoding levers as they read in a table's setting column (empty: the defaults)."""
+    label = f" sub={eval_cfg.sub_block_length}" if eval_cfg.get("sub_block_length") else ""
+    if eval_cfg.get("confidence", "probability") != "probability":
+        label += f" confidence={eval_cfg.confidence}"
+    return label
+
+
+def _line(model: str, result: dict, perplexity: float | None = None, decoding: str = "") -> dict:
     mode = result["mode"]
     setting = "" if mode == "ar" else f"B={result['block_length']}"
     if mode == "quad_spec" and result.get("draft_length"):
@@ -27,7 +35,7 @@ def _line(model: str, result: dict, perplexity: float | None = None) -> dict:
     if result.get("drafter"):
         setting += " +drafter"
     if mode == "diffusion":
-        setting += f" t={result['threshold']:g}"
+        setting += f" t={result['threshold']:g}{decoding}"
     interval = accuracy_interval(result)
     return {"model": model, "mode": mode, "setting": setting, "prompts": result.get("examples"),
             "accuracy": result["accuracy"], "accuracy_interval": list(interval) if interval else None,
@@ -59,7 +67,8 @@ def write_run_report(output: Path, cfg: DictConfig, source: dict, model: dict, h
     source_ppl = (source.get("perplexity") or {}).get("perplexity")
     model_ppl = (model.get("perplexity") or {}).get("perplexity")
     lines = [_line("source", r, source_ppl) for r in source["results"]]
-    lines += [_line("ar2dlm", r, model_ppl if r["mode"] == "ar" else None) for r in model["results"]]
+    decoding = decoding_label(cfg.eval)
+    lines += [_line("ar2dlm", r, model_ppl if r["mode"] == "ar" else None, decoding) for r in model["results"]]
     lossless = _lossless(model["rows"])
     quad_lossless = _lossless(model["rows"], "quad_spec")
     plot = plot_tradeoff(model["results"], output / "accuracy_vs_tpf.png", title="ar2dlm demo: trained model")
