@@ -245,36 +245,35 @@ def document_value(record: dict, field: str, prompt_field: str | None, sft: bool
     value = field_value(record, field, sft, where, stats, strict)
     if value is None or not prompt_field:
         return value
-    if prompt_field not in record:
-        raise UserError(f"{where}: record has no {prompt_field!r} field (fields: {', '.join(map(str, record))}); "
-                        "set prompt_field of the source")
-    prompt = record[prompt_field]
-    if isinstance(prompt, bytes):
-        prompt = _decode(prompt, where, strict, stats)
-        if prompt is None:
-            return None
-    if not isinstance(prompt, str):
-        raise UserError(f"{where}: {prompt_field!r} is {type(prompt).__name__}, not a string")
-    return prompt, value
+    prompt = _string_field(record, prompt_field, "prompt_field", where, stats, strict)
+    return None if prompt is None else (prompt, value)
 
 
 def field_value(record: dict, field: str, sft: bool, where: str, stats: ReadStats, strict: bool = True):
     """The text (or messages) of ``record``; None for an empty text or one skipped for invalid UTF-8."""
-    if field not in record:
-        raise UserError(f"{where}: record has no {field!r} field (fields: {', '.join(map(str, record))}); "
-                        f"set {'messages_field' if sft else 'text_field'} of the source")
-    value = record[field]
     if sft:
-        return check_messages(value, field, where)
-    if isinstance(value, bytes):
-        value = _decode(value, where, strict, stats)
-        if value is None:
-            return None
-    if not isinstance(value, str):
-        raise UserError(f"{where}: {field!r} is {type(value).__name__}, not a string")
-    if not value.strip():
+        return check_messages(_field(record, field, "messages_field", where), field, where)
+    value = _string_field(record, field, "text_field", where, stats, strict)
+    if value is not None and not value.strip():
         stats.empty += 1
         return None
+    return value
+
+
+def _field(record: dict, field: str, setting: str, where: str):
+    if field not in record:
+        raise UserError(f"{where}: record has no {field!r} field (fields: {', '.join(map(str, record))}); "
+                        f"set {setting} of the source")
+    return record[field]
+
+
+def _string_field(record: dict, field: str, setting: str, where: str, stats: ReadStats, strict: bool) -> str | None:
+    """``record[field]`` as a string (None: skipped for invalid UTF-8), or a UserError naming the record."""
+    value = _field(record, field, setting, where)
+    if isinstance(value, bytes):
+        value = _decode(value, where, strict, stats)
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{where}: {field!r} is {type(value).__name__}, not a string")
     return value
 
 
