@@ -22,8 +22,8 @@ def test_shortened_demo_runs_every_stage_and_reports(tmp_path, megatron_ready, c
     report = json.loads((output / "report.json").read_text())
     assert list(report["stage_seconds"]) == list(STAGES)
     modes = [(line["model"], line["mode"], line["setting"]) for line in report["table"]]
-    assert modes == [("source", "ar", ""), ("ar2dlm", "ar", ""), ("ar2dlm", "diffusion", "B=16 t=0.5"),
-                     ("ar2dlm", "diffusion", "B=16 t=0.9"), ("ar2dlm", "self_spec", "B=16"),
+    assert modes == [("source", "ar", ""), ("ar2dlm", "ar", ""), ("ar2dlm", "diffusion", "B=16 t=0.5 sub=8"),
+                     ("ar2dlm", "diffusion", "B=16 t=0.9 sub=8"), ("ar2dlm", "self_spec", "B=16"),
                      ("ar2dlm", "quad_spec", "B=16"), ("ar2dlm", "self_spec", "B=16 +drafter"),
                      ("ar2dlm", "quad_spec", "B=16 +drafter")]
     assert (output / "model" / "linear_spec_lora" / "adapter_model.safetensors").is_file()

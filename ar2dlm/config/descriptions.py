@@ -148,6 +148,8 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "demo.train_examples": "generated training examples of the demo corpus",
     "demo.eval_examples": "held-out examples evaluated at the end",
     "demo.tokenizer_vocab_size": "vocabulary of the tokenizer trained on the demo corpus",
+    "demo.loss_on_answers": "joint and drafter stages: read the corpus as prompt / answer pairs, the loss on the "
+                            "answers only; the source stage always trains on whole texts (true | false)",
     "drafter_stage.steps": "steps of the drafter stage (train.objective=drafter with the drafter.* keys, from the "
                            "joint stage's last checkpoint; its optimizer: drafter_stage.optim.*); 0: no drafter",
     "tokenizer": "HF tokenizer (folder or hub id) to tokenise with",
