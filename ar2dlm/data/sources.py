@@ -194,11 +194,14 @@ def _parquet_records(path: Path, field: str, sft: bool, strict: bool, stats: Rea
         table = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises several types for a broken file
         raise UserError(f"{path}: cannot read Parquet ({error})".splitlines()[0]) from None
-    columns = [field] + ([source.prompt_field] if source.prompt_field else [])
-    for column, key in zip(columns, ["messages_field" if sft else "text_field", "prompt_field"], strict=False):
+    settings = {field: "messages_field" if sft else "text_field"}
+    if source.prompt_field:
+        settings[source.prompt_field] = "prompt_field"
+    for column, setting in settings.items():
         if column not in table.schema_arrow.names:
             raise UserError(f"{path}: no {column!r} column (columns: {', '.join(table.schema_arrow.names)}); "
-                            f"set {key} of the source")
+                            f"set {setting} of the source")
+    columns = list(settings)
     number = 0
     for batch in table.iter_batches(columns=columns, batch_size=4096):
         for row in batch.to_pylist():

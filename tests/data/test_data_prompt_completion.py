@@ -90,11 +90,13 @@ def test_parquet_pairs_read_both_columns(tmp_path, tokenizer):
 
 
 def test_bad_pairs_get_one_clear_error_each(tmp_path, tokenizer, write_jsonl, data_cfg):
-    def check(path, match, **fields):
+    def check(path, match, **fields):  # train's early check and the build both refuse
         cfg = data_cfg([{"path": str(path), "text_field": "answer", "prompt_field": "prompt"}], seq_length=16,
                        **fields)
-        with pytest.raises(UserError, match=match):
-            check_sources(cfg)
+        for refuse in (lambda: check_sources(cfg),
+                       lambda: build_datasets(cfg, tokenizer, seq_length=16, block_size=4, seed=0)):
+            with pytest.raises(UserError, match=match):
+                refuse()
 
     check(write_jsonl("a.jsonl", [{"answer": " 1"}]), r"a\.jsonl:1: record has no 'prompt' field")
     check(write_jsonl("b.jsonl", [{"prompt": 3, "answer": " 1"}]), r"b\.jsonl:1: 'prompt' is int, not a string")
