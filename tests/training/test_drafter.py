@@ -24,13 +24,13 @@ from ar2dlm.training.noise import NoiseConfig, block_layout
 MASK = 99
 
 
-def test_draft_stream_keeps_each_blocks_seed_and_scores_the_rest():
+def test_draft_stream_keeps_each_blocks_seed_and_the_context_and_scores_the_rest():
     x0 = torch.arange(10, 20).unsqueeze(0)
     loss_mask = torch.ones_like(x0, dtype=torch.bool)
-    loss_mask[0, 1] = False  # a prompt token: drafted over, not scored
+    loss_mask[0, 1] = False  # a prompt token: context, as at inference; kept in the draft, not scored
     documents = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])  # blocks restart at the second document
     ids, scored = draft_stream(x0, loss_mask, documents, 4, MASK)
-    assert ids.tolist() == [[10, MASK, MASK, MASK, 14, 15, MASK, MASK, MASK, 19]]
+    assert ids.tolist() == [[10, 11, MASK, MASK, 14, 15, MASK, MASK, MASK, 19]]
     assert scored.tolist() == [[False, False, True, True, False, False, True, True, True, False]]
 
 
