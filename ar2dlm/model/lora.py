@@ -90,11 +90,12 @@ def _drafter_classes():
             linear_output, bias, layernorm_output = self.base_linear_forward(x, *args, **kwargs)
             if self.mode == "off" or not self._adapter_enabled:
                 return linear_output, bias
-            adapter_output = self.adapter(layernorm_output.contiguous()).reshape(linear_output.shape)
-            if self.mode == "noisy_stream":  # megatron-core activations are [sequence, batch, hidden]
-                half = adapter_output.shape[0] // 2
-                adapter_output = torch.cat([adapter_output[:half], torch.zeros_like(adapter_output[half:])])
-            return linear_output + adapter_output, bias
+            if self.mode == "on":
+                return linear_output + self.adapter(layernorm_output.contiguous()).reshape(linear_output.shape), bias
+            # noisy_stream: megatron-core activations are [sequence, batch, hidden]; the adapter runs on the first half
+            half = linear_output.shape[0] // 2
+            noisy = self.adapter(layernorm_output[:half].contiguous()).reshape(linear_output[:half].shape)
+            return torch.cat([linear_output[:half] + noisy, linear_output[half:]]), bias
 
         def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
             # state_dict() and sharded_state_dict() name the base layer's tensors as if it were not wrapped

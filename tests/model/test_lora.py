@@ -82,9 +82,10 @@ def test_adapter_is_w_plus_scaled_b_a(tiny_provider):
     torch.testing.assert_close(_logits(merged, ids), with_adapter, rtol=0, atol=1e-5)
 
 
-def test_noisy_stream_mode_keeps_the_clean_stream_adapter_free(tiny_provider):
+@pytest.mark.parametrize("targets", [("linear_proj",), ("linear_qkv", "linear_fc1", "linear_fc2")])
+def test_noisy_stream_mode_keeps_the_clean_stream_adapter_free(tiny_provider, targets):
     torch.manual_seed(0)
-    chunks = add_lora(build_model(tiny_provider), LoraSettings(rank=4, alpha=8))
+    chunks = add_lora(build_model(tiny_provider), LoraSettings(rank=4, alpha=8, target_modules=targets))
     _randomise_b(chunks)
     model = chunks[0].eval()
     doubled = torch.cat([_ids(seed=3), _ids(seed=4)], dim=1)
