@@ -91,7 +91,7 @@ class LoggedProgress(Generic[T]):
             logger.info("%s", self.line(count, time.monotonic() - started))
 
     def line(self, count: int, seconds: float) -> str:
-        parts = [f"{self.desc}: {count}/{self.total if self.total is not None else '?'} {self.unit}s"]
+        parts = [f"{self.desc}: {count}/{self.total if self.total is not None else '?'} {_plural(self.unit)}"]
         parts += [f"{name} {value}" for name, value in self.postfix.items()]
         if count and seconds > 0:
             per_item = seconds / count
@@ -100,6 +100,10 @@ class LoggedProgress(Generic[T]):
                 pace += f", {_clock(per_item * (self.total - count))} left"
             parts.append(pace)
         return " | ".join(parts)
+
+
+def _plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
 
 
 def _clock(seconds: float) -> str:

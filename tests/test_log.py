@@ -130,3 +130,10 @@ def test_log_records_do_not_glue_onto_a_bar(monkeypatch):
     bar.close()
     # the bar's line is cleared and the record starts at column 0, not after the bar's text
     assert stream.getvalue().count("\ra message\n") == 2
+
+
+def test_logged_progress_names_its_units_in_the_plural():
+    from ar2dlm.log import LoggedProgress
+
+    assert LoggedProgress([], "continuing", 1250, "batch", 1).line(3, 0.0) == "continuing: 3/1250 batches"
+    assert LoggedProgress([], "tokenizing", 8, "doc", 1).line(3, 0.0) == "tokenizing: 3/8 docs"
