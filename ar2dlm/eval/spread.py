@@ -1,5 +1,6 @@
 """Spread of eval results across training seeds: mean, min-max and standard deviation of each setting's
-accuracy and tokens per forward, and the Wilson interval of the pooled accuracy.
+accuracy, tokens per forward and (self-speculation) acceptance length, the Wilson interval of the pooled
+accuracy, and the drafter's gain in acceptance length per seed.
 
 Input: per seed, the ``results`` of an eval report (:func:`ar2dlm.eval.run.evaluate_model`), all on the
 same prompts. A setting is (mode, block length, threshold). The pooled interval counts every decoded
@@ -17,7 +18,7 @@ from ar2dlm.eval.report import mode_label
 
 SPREAD_COLUMNS = ("mode", "block", "threshold", "seeds", "prompts", "accuracy mean", "accuracy min-max",
                   "accuracy std", "pooled 95% interval", "tokens/forward mean", "tokens/forward min-max",
-                  "tokens/forward std")
+                  "tokens/forward std", "acceptance mean", "acceptance min-max")
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -65,8 +66,30 @@ def aggregate_seeds(per_seed: Mapping[int, Sequence[Mapping]]) -> list[dict]:
             "pooled": {"correct": correct, "examples": total, "accuracy": correct / total if total else 0.0,
                        "interval": list(wilson_interval(correct, total))},
             "tokens_per_forward": spread([r["tokens_per_forward"] for r in results]),
+            "acceptance_length": _acceptance_spread(results),
         })
     return rows
+
+
+def _acceptance_spread(results: Sequence[Mapping]) -> dict[str, float] | None:
+    values = [result.get("acceptance_length") for result in results]
+    return None if any(value is None for value in values) else spread(values)
+
+
+def drafter_gains(per_seed: Mapping[int, Sequence[Mapping]]) -> list[dict]:
+    """Per self-speculation setting that was decoded without and with the drafter: the relative gain in
+    acceptance length of each seed (with / without - 1) and their mean."""
+    gains: dict[tuple, dict[int, float]] = {}
+    for seed, results in per_seed.items():
+        without = {setting_key(r): r for r in results if r.get("acceptance_length") and not r.get("drafter")}
+        for result in results:
+            if result.get("drafter") and result.get("acceptance_length"):
+                base = without.get(setting_key({**result, "drafter": False}))
+                if base is not None:
+                    gains.setdefault(setting_key(result), {})[seed] = \
+                        result["acceptance_length"] / base["acceptance_length"] - 1
+    return [{"mode": mode, "block_length": block, "per_seed": per, "mean": statistics.fmean(per.values())}
+            for (mode, block, _), per in gains.items()]
 
 
 def _cell(value) -> str:
@@ -82,6 +105,13 @@ def spread_table(rows: Sequence[Mapping]) -> str:
         cells = [row["mode"], _cell(row["block_length"]), _cell(row["threshold"]), str(len(row["seeds"])),
                  str(row["prompts"]), f"{acc['mean']:.3f}", f"{acc['min']:.3f}-{acc['max']:.3f}", f"{acc['std']:.3f}",
                  f"{pooled['accuracy']:.3f} [{low:.3f}, {high:.3f}]", f"{tpf['mean']:.2f}",
-                 f"{tpf['min']:.2f}-{tpf['max']:.2f}", f"{tpf['std']:.2f}"]
+                 f"{tpf['min']:.2f}-{tpf['max']:.2f}", f"{tpf['std']:.2f}", *_acceptance_cells(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _acceptance_cells(row: Mapping) -> list[str]:
+    acceptance = row.get("acceptance_length")
+    if acceptance is None:
+        return ["-", "-"]
+    return [f"{acceptance['mean']:.2f}", f"{acceptance['min']:.2f}-{acceptance['max']:.2f}"]

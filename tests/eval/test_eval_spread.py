@@ -3,7 +3,7 @@
 import pytest
 
 from ar2dlm.eval.intervals import wilson_interval
-from ar2dlm.eval.spread import SPREAD_COLUMNS, aggregate_seeds, spread, spread_table
+from ar2dlm.eval.spread import SPREAD_COLUMNS, aggregate_seeds, drafter_gains, spread, spread_table
 
 
 def result(mode, correct, tpf, block=None, threshold=None, examples=10, with_count=True):
@@ -35,7 +35,7 @@ def test_aggregate_seeds_per_setting():
     lines = spread_table([ar, diffusion]).splitlines()
     assert lines[0] == "| " + " | ".join(SPREAD_COLUMNS) + " |"
     assert lines[2] == ("| ar | - | - | 2 | 10 | 0.600 | 0.500-0.700 | 0.141 | 0.600 [0.387, 0.781] | 1.00 | "
-                        "1.00-1.00 | 0.00 |")
+                        "1.00-1.00 | 0.00 | - | - |")
     assert lines[3].startswith("| diffusion | 16 | 0.9 | 2 | 10 | 0.300 | 0.200-0.400 |")
 
 
@@ -46,3 +46,20 @@ def test_seeds_must_agree_on_settings_and_prompts():
         aggregate_seeds({1: [result("ar", 1, 1.0)], 2: [result("ar", 1, 1.0, examples=20)]})
     with pytest.raises(ValueError):
         aggregate_seeds({})
+
+
+def test_acceptance_spread_and_the_drafters_gain_per_seed():
+    def spec(acceptance, drafter):
+        return {**result("self_spec", 5, acceptance / 2, 16), "acceptance_length": acceptance, "drafter": drafter}
+
+    per_seed = {1: [result("ar", 5, 1.0), spec(5.0, False), spec(6.0, True)],
+                2: [result("ar", 5, 1.0), spec(4.0, False), spec(5.0, True)]}
+    ar, without, with_drafter = aggregate_seeds(per_seed)
+    assert ar["acceptance_length"] is None
+    assert without["acceptance_length"] == pytest.approx({"mean": 4.5, "min": 4.0, "max": 5.0, "std": 0.7071067812})
+    assert spread_table([ar, with_drafter]).splitlines()[2].endswith("| - | - |")
+    assert spread_table([ar, with_drafter]).splitlines()[3].endswith("| 5.50 | 5.00-6.00 |")
+    (gain,) = drafter_gains(per_seed)
+    assert (gain["mode"], gain["block_length"]) == ("self_spec +drafter", 16)
+    assert gain["per_seed"] == pytest.approx({1: 0.2, 2: 0.25})
+    assert gain["mean"] == pytest.approx(0.225)
