@@ -87,15 +87,24 @@ def _drafter_classes():
         mode = "on"
 
         def forward(self, x: Tensor, *args, **kwargs):
+            if self.mode == "noisy_stream" and self._adapter_enabled:
+                return self._noisy_stream_forward(x, *args, **kwargs)
             linear_output, bias, layernorm_output = self.base_linear_forward(x, *args, **kwargs)
             if self.mode == "off" or not self._adapter_enabled:
                 return linear_output, bias
-            if self.mode == "on":
-                return linear_output + self.adapter(layernorm_output.contiguous()).reshape(linear_output.shape), bias
-            # noisy_stream: megatron-core activations are [sequence, batch, hidden]; the adapter runs on the first half
-            half = linear_output.shape[0] // 2
-            noisy = self.adapter(layernorm_output[:half].contiguous()).reshape(linear_output[:half].shape)
-            return torch.cat([linear_output[:half] + noisy, linear_output[half:]]), bias
+            return linear_output + self.adapter(layernorm_output.contiguous()).reshape(linear_output.shape), bias
+
+        def _noisy_stream_forward(self, x: Tensor, *args, **kwargs):
+            """megatron-core activations are [sequence, batch, hidden]: the noisy stream is the first half. The clean
+            half runs outside autograd: it never reads the noisy stream nor an adapter and the base is frozen, so its
+            backward would only compute gradients that reach no trainable parameter (about a third of a drafter
+            step's backward)."""
+            half = x.shape[0] // 2
+            noisy, bias, layernorm_output = self.base_linear_forward(x[:half], *args, **kwargs)
+            with torch.no_grad():
+                clean, _, _ = self.base_linear_forward(x[half:], *args, **kwargs)
+            noisy = noisy + self.adapter(layernorm_output.contiguous()).reshape(noisy.shape)
+            return torch.cat([noisy, clean]), bias
 
         def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
             # state_dict() and sharded_state_dict() name the base layer's tensors as if it were not wrapped

@@ -99,6 +99,46 @@ def test_noisy_stream_mode_keeps_the_clean_stream_adapter_free(tiny_provider, ta
     assert (stream[:, :LENGTH] - on[:, :LENGTH]).abs().max() > 1e-4  # ... over an adapter-free clean context
 
 
+def _whole_sequence_noisy_stream(self, x, *args, **kwargs):
+    """The noisy_stream mode as plain autograd sees it: the base on the whole sequence, the adapter on the first
+    half (the reference the split forward must equal)."""
+    output, bias, layernorm_output = self.base_linear_forward(x, *args, **kwargs)
+    half = output.shape[0] // 2
+    noisy = self.adapter(layernorm_output[:half].contiguous()).reshape(output[:half].shape)
+    return torch.cat([output[:half] + noisy, output[half:]]), bias
+
+
+def test_noisy_stream_gradients_equal_those_of_the_whole_sequence_graph(tiny_provider, monkeypatch):
+    """The split forward runs the clean half outside autograd; the adapters' gradients are the same."""
+    doubled = torch.cat([_ids(seed=5), _ids(seed=6)], dim=1)
+
+    def adapter_gradients():
+        torch.manual_seed(0)
+        chunks = add_lora(build_model(tiny_provider), LoraSettings(rank=4, alpha=8, target_modules=(
+            "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")))
+        _randomise_b(chunks)
+        set_adapter_mode(chunks, "noisy_stream")
+        logits = chunks[0](doubled, None, AttentionLayout("doubled_causal", LENGTH, block_size=4, kernel="sdpa"))
+        (logits[:, :LENGTH].float().square().mean() + logits[:, LENGTH:].float().mean()).backward()
+        return logits.detach(), [p.grad.clone() for _, p in trainable_parameters(chunks)]
+
+    split_logits, split = adapter_gradients()
+    wrapper_class = type(next(adapters_of(tiny_provider)))
+    monkeypatch.setattr(wrapper_class, "_noisy_stream_forward", _whole_sequence_noisy_stream)
+    whole_logits, whole = adapter_gradients()
+    torch.testing.assert_close(split_logits, whole_logits, rtol=0, atol=1e-6)
+    assert len(split) == 16 and all(g.abs().max() > 0 for g in split)
+    for split_grad, whole_grad in zip(split, whole, strict=True):
+        torch.testing.assert_close(split_grad, whole_grad, rtol=1e-5, atol=1e-7)
+
+
+def adapters_of(tiny_provider):
+    from ar2dlm.model.lora import adapters
+
+    chunks = add_lora(build_model(tiny_provider), LoraSettings(rank=2, alpha=2))
+    return (wrapper for _, _, wrapper in adapters(chunks[0]))
+
+
 def test_other_targets_and_removal(tiny_provider):
     torch.manual_seed(0)
     chunks = build_model(tiny_provider)
