@@ -149,6 +149,7 @@ def start(cfg) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from ar2dlm.data.synthetic import read_jsonl
+    from ar2dlm.eval.report import mode_label
     from ar2dlm.eval.spread import aggregate_seeds, drafter_gains, spread_table
     from ar2dlm.pipeline import _evaluate, eval_settings
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         per_seed[seed] = _evaluate(model, examples, settings, folder / "eval")["results"]
         seconds[seed] = {**stages, "train_export": round(trained - started, 1),
                          "eval": round(time.perf_counter() - trained, 1)}
-        print(f"seed {seed}: " + ", ".join(f"{r['mode']} {r['accuracy']:.3f} ({r['tokens_per_forward']:.2f} tpf)"
+        print(f"seed {seed}: " + ", ".join(f"{mode_label(r)} {r['accuracy']:.3f} ({r['tokens_per_forward']:.2f} tpf)"
                                            for r in per_seed[seed]) + f"; {seconds[seed]}")
     rows = aggregate_seeds(per_seed)
     gains = drafter_gains(per_seed)
