@@ -184,8 +184,8 @@ def evaluate_setting(model, tokenizer, examples: Sequence, encoded: Sequence[Seq
             for example, new_ids, cost in zip(examples, outputs, costs, strict=True)]
     result = summarize(config.mode, config.block_length, config.threshold, rows, seconds, batch_forwards,
                        mismatches, nfe_basis="batch" if missing and not decode_alone else "alone",
-                       acceptance_by_offset=offsets.rates())
-    result.draft_length, result.drafter = config.draft_length, config.use_drafter
+                       acceptance_by_offset=offsets.rates(), draft_length=config.draft_length)
+    result.drafter = config.use_drafter
     return result
 
 

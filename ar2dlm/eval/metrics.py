@@ -18,6 +18,10 @@ Definitions (every one is independent of the evaluation batch size):
   + the verifier's own next token, counting only tokens up to EOS / ``max_new_tokens``. An example
   decoded alone gets 1 token from the prefill and the rest from its cycles, so its committed tokens are
   ``new_tokens - 1`` over ``cycles`` verify cycles; the mean is sum(new_tokens - 1) / sum(cycles).
+- **acceptance ceiling** (self-speculation): the acceptance length had every draft been accepted, for the same
+  outputs: sum(new_tokens - 1) over the fewest cycles that commit them, ceil((new_tokens - 1) / (k + 1)) per
+  example for k draft tokens per cycle (block length - 1, or quad_spec's draft length). Short outputs cap it:
+  the room a drafter has is the gap between the two.
 - **accuracy**: exact match of the answer (generated text up to the first newline, whitespace
   stripped) with the reference answer (stripped), with ``correct`` of ``examples`` and its 95% Wilson
   score interval (:mod:`ar2dlm.eval.intervals`), overall and per task.
@@ -74,6 +78,7 @@ class ModeResult:
     task_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # task -> (correct, examples)
     task_interval: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> 95% Wilson interval
     acceptance_by_offset: list[float] | None = None  # self-speculation: acceptance rate of draft offset 1, 2, ...
+    acceptance_ceiling: float | None = None  # self-speculation: the acceptance length with every draft accepted
     draft_length: int | None = None  # quad_spec's draft tokens per cycle (None: block_length - 1)
     drafter: bool | None = None  # self-speculation with (True) or without (False) the export's drafter LoRA
     rows: list[ExampleResult] = field(default_factory=list)
@@ -128,6 +133,15 @@ def acceptance_length(new_tokens: Sequence[int], cycles: Sequence[int]) -> float
     return sum(max(n - 1, 0) for n in new_tokens) / total_cycles
 
 
+def acceptance_ceiling(new_tokens: Sequence[int], draft_tokens: int) -> float | None:
+    """The acceptance length had every draft been accepted: sum(new_tokens - 1) over the fewest verify cycles,
+    each committing at most ``draft_tokens`` + 1 tokens; None when no example needs a cycle."""
+    per_cycle = draft_tokens + 1
+    committed = [max(n - 1, 0) for n in new_tokens]
+    cycles = sum(-(-c // per_cycle) for c in committed)
+    return sum(committed) / cycles if cycles else None
+
+
 def alone_costs(stats, mode: str) -> list[tuple[int, int]] | None:
     """Per-row (NFE, cycles) of decoding each row alone, from the stats a runtime call returned, or None
     when the stats cannot give them (then decode the rows one at a time).
@@ -167,16 +181,19 @@ def task_accuracy(rows: Sequence[ExampleResult]) -> dict[str, float]:
 
 def summarize(mode: str, block_length: int | None, threshold: float | None, rows: list[ExampleResult],
               seconds: float, batch_forwards: int, batch_mismatches: int = 0, nfe_basis: str = "alone",
-              acceptance_by_offset: list[float] | None = None) -> ModeResult:
+              acceptance_by_offset: list[float] | None = None, draft_length: int | None = None) -> ModeResult:
     """Aggregate the per-example results of one setting."""
     count = len(rows)
     correct = sum(row.correct for row in rows)
     per_task = task_counts(rows)
     tokens = sum(row.new_tokens for row in rows)
     nfe = sum(row.nfe for row in rows)
-    acceptance = None
+    acceptance = ceiling = None
     if mode in SPECULATIVE_MODES:
         acceptance = acceptance_length([r.new_tokens for r in rows], [r.cycles for r in rows])
+        if block_length is not None:
+            ceiling = acceptance_ceiling([r.new_tokens for r in rows],
+                                         block_length - 1 if draft_length is None else draft_length)
     return ModeResult(
         mode=mode, block_length=block_length, threshold=threshold, examples=count,
         accuracy=correct / count if count else 0.0,
@@ -187,5 +204,5 @@ def summarize(mode: str, block_length: int | None, threshold: float | None, rows
         batch_forwards=batch_forwards, batch_mismatches=batch_mismatches, nfe_basis=nfe_basis,
         correct=correct, accuracy_interval=wilson_interval(correct, count), task_counts=per_task,
         task_interval={task: wilson_interval(hits, n) for task, (hits, n) in per_task.items()},
-        acceptance_by_offset=acceptance_by_offset, rows=rows,
+        acceptance_by_offset=acceptance_by_offset, acceptance_ceiling=ceiling, draft_length=draft_length, rows=rows,
     )

@@ -138,11 +138,16 @@ def _likelihood_lines(report: dict) -> list[str]:
 def _offset_lines(results: list[dict]) -> list[str]:
     """Per self-speculation setting, how often the draft token at each offset was accepted."""
     lines = [f"- {mode_label(r)} B={r['block_length']}: " + " ".join(f"{rate:.2f}" for rate in r["acceptance_by_offset"])
-             for r in results if r.get("acceptance_by_offset")]
+             + _ceiling_note(r) for r in results if r.get("acceptance_by_offset")]
     if not lines:
         return []
-    return ["acceptance by draft offset (1, 2, ...: the share of verified draft tokens at that offset accepted):",
-            *lines, ""]
+    return ["acceptance by draft offset (1, 2, ...: the share of verified draft tokens at that offset accepted; the "
+            "acceptance length against its ceiling, every draft accepted, for the same outputs):", *lines, ""]
+
+
+def _ceiling_note(result: dict) -> str:
+    ceiling = result.get("acceptance_ceiling")
+    return "" if ceiling is None else f" (acceptance {result['acceptance_length']:.2f} of {ceiling:.2f})"
 
 
 def render_markdown(report: dict) -> str:

@@ -12,6 +12,7 @@ from ar2dlm.eval.intervals import wilson_interval
 from ar2dlm.eval.metrics import (
     ExampleResult,
     OffsetCounts,
+    acceptance_ceiling,
     acceptance_length,
     alone_costs,
     answer_from_text,
@@ -96,3 +97,15 @@ def test_quadratic_self_speculation_has_an_acceptance_length_and_offsets_add_ove
     assert counts.rates() == [0.5, 0.25, 0.0, 0.5]
     result = summarize("quad_spec", 4, None, rows, 1.0, 4, acceptance_by_offset=counts.rates())
     assert result.summary()["acceptance_by_offset"] == [0.5, 0.25, 0.0, 0.5]
+
+
+def test_acceptance_ceiling_is_the_acceptance_of_drafts_all_accepted():
+    # block 4: a cycle commits at most 4 tokens; 10 new tokens -> 9 after the prefill -> 3 cycles, 1 -> none, 5 -> 1
+    assert acceptance_ceiling([10, 1, 5], 3) == pytest.approx((9 + 0 + 4) / (3 + 0 + 1))
+    assert acceptance_ceiling([1, 1], 3) is None
+    rows = [row("copy", True, new_tokens=10, nfe=4, cycles=3), row("copy", True, new_tokens=5, nfe=3, cycles=2)]
+    assert summarize("self_spec", 4, None, rows, 1.0, 4).acceptance_ceiling == pytest.approx(13 / 4)
+    # quad_spec with 2 draft tokens per cycle: at most 3 committed -> 3 + 2 cycles
+    assert summarize("quad_spec", 4, None, rows, 1.0, 4, draft_length=2).acceptance_ceiling == pytest.approx(13 / 5)
+    assert summarize("ar", None, None, rows, 1.0, 4).acceptance_ceiling is None
+

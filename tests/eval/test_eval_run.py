@@ -33,6 +33,11 @@ def test_ar2dlm_eval_end_to_end(tiny_export, tmp_path, capsys):
     assert all(len(r["acceptance_by_offset"]) == r["block_length"] - 1
                for r in report["results"] if r["mode"] in ("self_spec", "quad_spec"))
     assert "acceptance by draft offset" in (output / "report.md").read_text()
+    for r in report["results"]:
+        if r["mode"] in ("self_spec", "quad_spec"):
+            assert r["acceptance_length"] <= r["acceptance_ceiling"] <= r["block_length"]
+            assert f"(acceptance {r['acceptance_length']:.2f} of {r['acceptance_ceiling']:.2f})" in \
+                (output / "report.md").read_text()
     settings = report["settings"]
     assert settings["model"] == str(tiny_export) and settings["examples"] == 4 and settings["batch_size"] == 3
     assert settings["tasks"] == ["demo:4"] and settings["seed"] == 1234 and settings["machine"]["device"] == "cpu"
