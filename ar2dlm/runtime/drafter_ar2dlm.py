@@ -26,6 +26,7 @@ class DraftAdapter:
         self.scale = scale
         self.source = source
         self.gate: torch.Tensor | None = None  # [B, q] bool while drafting, else None
+        self.everywhere = False  # while drafting: every token of the forward is a draft token (no gating needed)
         self.handles = []
         modules = dict(model.named_modules())
         for name, (down, up) in weights.items():
@@ -46,6 +47,8 @@ class DraftAdapter:
             if self.gate is None:
                 return output
             delta = torch.nn.functional.linear(torch.nn.functional.linear(args[0], down), up) * self.scale
+            if self.everywhere:
+                return output + delta
             return output + delta * self.gate[..., None].to(output.dtype)
 
         return add_delta
@@ -53,11 +56,11 @@ class DraftAdapter:
     @contextmanager
     def drafting(self, gate: torch.Tensor):
         """Within the block, the tokens of the next forward with ``gate`` [B, q] True see the adapter."""
-        self.gate = gate
+        self.gate, self.everywhere = gate, bool(gate.all())
         try:
             yield
         finally:
-            self.gate = None
+            self.gate, self.everywhere = None, False
 
     def remove(self) -> None:
         for handle in self.handles:
