@@ -75,6 +75,7 @@ def _demo_source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
     from ar2dlm.conversion.convert import convert
     from ar2dlm.conversion.export import export
     from ar2dlm.model.hf_factory import make_hf_model, train_tokenizer
+    from ar2dlm.training.checkpointing import newest_checkpoint
     from ar2dlm.training.loop import Trainer
 
     spec = cfg.source_model
@@ -93,7 +94,7 @@ def _demo_source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
                               train=OmegaConf.to_container(spec.train), optim=OmegaConf.to_container(spec.optim),
                               data=data)
     history = Trainer(train_cfg).fit()
-    final = sorted((output / "source_train" / "checkpoints").glob("step_*"))[-1]
+    final = newest_checkpoint(output / "source_train")
     export(final, output / "source", overwrite=True)
     logger.info("source model: %s, AR loss %.4f after %d steps", spec.architecture, history[-1]["ar_loss"],
                 history[-1]["step"])
@@ -114,6 +115,7 @@ def _drafter(cfg: DictConfig, joint_checkpoint: Path, output: Path) -> Path:
     """The drafter stage: its last checkpoint (the joint one when drafter_stage.steps is 0). It drafts blocks of
     the size the export decodes with: when the joint stage trained another (diffusion.decode_block_size), the
     drafter trains at the decoding block, its random block sizes (if on) the default candidates of that block."""
+    from ar2dlm.training.checkpointing import newest_checkpoint
     from ar2dlm.training.loop import Trainer, decode_block_size
 
     stage = cfg.drafter_stage
@@ -126,7 +128,7 @@ def _drafter(cfg: DictConfig, joint_checkpoint: Path, output: Path) -> Path:
         diffusion.update(block_size=decode_block_size(cfg.diffusion), decode_block_size=None, random_block_sizes=[])
     Trainer(_train_config(cfg, init=joint_checkpoint, output=output, train=train, diffusion=diffusion,
                           optim=OmegaConf.to_container(stage.optim))).fit()
-    return sorted((output / "checkpoints").glob("step_*"))[-1]
+    return newest_checkpoint(output)
 
 
 def _evaluate(model_dir: Path, examples: list, settings, output: Path, *, export: bool = True,
@@ -194,6 +196,7 @@ def _run_stages(cfg: DictConfig, output: Path) -> int:
     from ar2dlm.conversion.export import export
     from ar2dlm.eval.run import EvalSettings
     from ar2dlm.pipeline_report import write_run_report
+    from ar2dlm.training.checkpointing import newest_checkpoint
     from ar2dlm.training.loop import Trainer
 
     init_distributed(ParallelLayout(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context), seed=cfg.seed)
@@ -211,7 +214,7 @@ def _run_stages(cfg: DictConfig, output: Path) -> int:
                            block_size=cfg.diffusion.block_size)
     with clock.stage("train", f"objective={cfg.train.objective}, {cfg.train.steps} steps"):
         history = Trainer(_train_config(cfg, init=output / "converted", output=output / "train")).fit()
-    joint = sorted((output / "train" / "checkpoints").glob("step_*"))[-1]
+    joint = newest_checkpoint(output / "train")
     with clock.stage("drafter", f"objective=drafter, {cfg.drafter_stage.steps} steps"):
         final = _drafter(cfg, joint, output / "drafter")
     with clock.stage("export"):

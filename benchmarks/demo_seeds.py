@@ -127,10 +127,12 @@ def train_and_export(cfg, source_run: Path, seed: int, folder: Path, *, drafter:
 
 
 def last_checkpoint(train_folder: Path) -> Path:
-    steps = sorted((train_folder / "checkpoints").glob("step_*"))
-    if not steps:
+    from ar2dlm.training.checkpointing import newest_checkpoint
+
+    newest = newest_checkpoint(train_folder)
+    if newest is None:
         raise SystemExit(f"{train_folder} holds no checkpoint (checkpoints/step_*)")
-    return steps[-1]
+    return newest
 
 
 def start(cfg) -> None:

@@ -5,8 +5,9 @@ every block (counted from its document's start, as in diffusion training) is ``[
 seed being the block's first clean token, except that positions outside the loss mask (a prompt, a chat's user
 turns) stay clean: at inference they are context the draft reads, never drafted. A block that straddles the end
 of a prompt would otherwise draft the answer with the prompt's last tokens hidden (on the demo that mismatch
-held the drafter to +2% acceptance; without it, +7.5%: docs/design.md §4.7). The adapters act on the draft stream only (``noisy_stream`` mode of
-:mod:`ar2dlm.model.lora`), so one forward gives both distributions the loss needs:
+held the drafter to +2% acceptance; without it, +7.5%: docs/design.md §4.7). The adapters act on the draft
+stream only (``noisy_stream`` mode of :mod:`ar2dlm.model.lora`), so one forward gives both distributions the
+loss needs:
 
 - the verifier's, p_j: the clean-stream logit at j-1, i.e. the causal AR pass of the frozen model with the
   adapter off (the clean stream never reads the draft stream, and no adapter acts on it); detached;
