@@ -64,6 +64,9 @@ KEY_DESCRIPTIONS: dict[str, str] = {
                          "KL / TV mix's 1 (>= 0)",
     "drafter.ce_target": "objective drafter: the CE term's target: data (the true token) | verifier (the verifier's "
                          "greedy token)",
+    "drafter.length_weighting": "objective drafter: weight each draft position's loss by the expected number of drafts "
+                                "accepted from it to its block's end, i.e. by its share in the expected acceptance "
+                                "length (true | false)",
     "data.sources": "training data: a list of {path, kind, weight, ...} (see data.sources[] below / the README)",
     "data.seq_length": "tokens per training sequence (integer >= 1)",
     "data.pack": "pack documents into full sequences instead of padding each one (true | false)",

@@ -40,6 +40,7 @@ class DrafterConfig:
     top_k: int = 200
     ce_weight: float = 1.0
     ce_target: str = "data"  # data | verifier
+    length_weighting: bool = False  # weight each draft position by its share in the expected acceptance length
 
 
 @dataclass

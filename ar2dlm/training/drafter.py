@@ -22,8 +22,12 @@ p^T, q^T: softmax of logits / T restricted to the union of the top-K tokens of p
 lambda_j = exp(-0.5 sg[alpha_j]), alpha_j = the product over the earlier draft positions k of j's block of
 a_k = sum_x min(p_k(x), q_k(x)) (T = 1, full vocabulary): the chance that a speculative verifier accepts every
 draft before j. y_j is the data's token x_0[j] (``ce_target="data"``, the published loss) or the verifier's
-greedy token argmax p_j (``"verifier"``: what a greedy verifier accepts). The loss is the sum of L_j over the
-step's draft positions divided by their number.
+greedy token argmax p_j (``"verifier"``: what a greedy verifier accepts). The loss is the sum of w_j L_j over the
+step's draft positions divided by their number, w_j = 1, or with ``length_weighting`` the derivative of the
+block's expected acceptance length E = sum_m prod_{k <= m} a_k with respect to log a_j,
+t_j = sum over the draft positions m >= j of j's block of alpha_m a_m (detached), rescaled per row so that a row's
+weights sum to its number of draft positions: a draft early in a block, whose rejection would cost every draft after
+it, weighs more than one whose block is likely rejected before it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class DrafterLossConfig:
     top_k: int = 200  # tokens of each distribution kept in the KL / TV terms
     ce_weight: float = 1.0  # weight of the CE term (the KL / TV mix has weight 1)
     ce_target: str = "data"  # the CE term's target: the data's token (data) or the verifier's argmax (verifier)
+    length_weighting: bool = False  # weight L_j by its share in the expected acceptance length (module docstring)
 
     def __post_init__(self) -> None:
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -81,6 +86,23 @@ def acceptance_prefix(accept: Tensor, scored: Tensor, in_block: Tensor) -> Tenso
     position = torch.arange(accept.shape[1], device=accept.device).expand_as(before)
     start = (position - in_block.to(accept.device)).clamp(min=0)
     return (before - before.gather(1, start)).exp().to(accept.dtype)
+
+
+def length_weights(accept: Tensor, scored: Tensor, in_block: Tensor) -> Tensor:
+    """w [B, L]: at each scored position j, t_j = the sum over the scored positions m >= j of j's block of
+    alpha_m a_m (``accept`` = a, alpha as :func:`acceptance_prefix`), scaled per row so that a row's weights sum to
+    its number of scored positions; 0 elsewhere."""
+    in_block = in_block.to(accept.device)
+    reached = torch.where(scored, acceptance_prefix(accept, scored, in_block).double() * accept.double(), 0.0)
+    block = (in_block == 0).long().cumsum(dim=1) - 1
+    block_total = torch.zeros_like(reached).scatter_add(1, block, reached).gather(1, block)
+    position = torch.arange(accept.shape[1], device=accept.device).expand_as(reached)
+    start = (position - in_block).clamp(min=0)
+    running = reached.cumsum(dim=1)
+    before = running.gather(1, start) - reached.gather(1, start)  # the sum before j's block
+    tail = torch.where(scored, block_total - (running - before) + reached, 0.0)
+    scale = scored.sum(dim=1, keepdim=True) / tail.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    return (tail * scale).to(accept.dtype)
 
 
 def position_losses(draft_logits: Tensor, target_logits: Tensor, targets: Tensor, alpha: Tensor,
@@ -140,5 +162,7 @@ def drafter_loss_parts(logits: Tensor, x0: Tensor, scored: Tensor, in_block: Ten
     target = target[shifted_scored]
     ce_targets = x0[:, 1:][shifted_scored] if config.ce_target == "data" else target.argmax(dim=-1)
     losses, ce = position_losses(draft[shifted_scored], target, ce_targets, alpha[shifted_scored], config)
+    if config.length_weighting:
+        losses = losses * length_weights(accept, scored, in_block)[:, 1:][shifted_scored]
     count = scored.sum()
     return LossParts(losses.sum(), count, ce.sum(), count, dlm_weight=1.0, ar_weight=0.0)

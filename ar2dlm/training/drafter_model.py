@@ -31,7 +31,8 @@ def lora_settings(cfg: DictConfig) -> LoraSettings:
 def loss_config(cfg: DictConfig) -> DrafterLossConfig:
     drafter = cfg.drafter
     return DrafterLossConfig(temperature=float(drafter.kl_temperature), top_k=int(drafter.top_k),
-                             ce_weight=float(drafter.ce_weight), ce_target=str(drafter.ce_target))
+                             ce_weight=float(drafter.ce_weight), ce_target=str(drafter.ce_target),
+                             length_weighting=bool(drafter.length_weighting))
 
 
 def require_mask_token(metadata: CheckpointMetadata, directory: Path) -> None:

@@ -15,6 +15,7 @@ from ar2dlm.training.drafter import (
     acceptance_prefix,
     draft_stream,
     drafter_loss_parts,
+    length_weights,
     position_losses,
 )
 from ar2dlm.training.forward import ObjectiveSettings, forward_loss, prepare_batch
@@ -154,3 +155,44 @@ def test_verifier_ce_target_is_the_verifiers_argmax():
     torch.testing.assert_close(parts["data"].ar_sum, -log_q.gather(1, x0[0, 1:, None]).sum())
     with pytest.raises(ValueError, match="ce_target"):
         DrafterLossConfig(ce_target="corpus")
+
+
+def test_length_weights_are_the_expected_accepted_drafts_from_each_position_by_hand():
+    """Blocks of 4 (a seed, then drafts a_1 .. a_3): t_j = sum over m >= j of a_1 ... a_m, scaled so that the
+    row's weights sum to its number of drafts; an unscored position (a prompt token) weighs 0 and counts as
+    accepted for the drafts after it."""
+    accept = torch.tensor([[1.0, 0.5, 0.4, 0.9, 1.0, 1.0, 0.8, 0.5]])
+    scored = torch.tensor([[False, True, True, True, False, False, True, True]])
+    _, in_block = block_layout((1, 8), 4)
+    first = [0.5 + 0.5 * 0.4 + 0.5 * 0.4 * 0.9, 0.5 * 0.4 + 0.5 * 0.4 * 0.9, 0.5 * 0.4 * 0.9]
+    second = [0.8 + 0.8 * 0.5, 0.8 * 0.5]
+    scale = 5 / (sum(first) + sum(second))
+    expected = [0.0, *first, 0.0, 0.0, *second]
+    torch.testing.assert_close(length_weights(accept, scored, in_block),
+                               torch.tensor([[w * scale for w in expected]]))
+
+
+def test_length_weighting_scales_each_positions_loss():
+    """length_weighting: the loss is sum_j w_j L_j over the same count; the CE it reports is unweighted."""
+    torch.manual_seed(1)
+    vocab, length = 6, 8
+    logits = torch.randn(2, 2 * length, vocab)
+    x0 = torch.randint(0, vocab, (2, length))
+    scored = torch.tensor([[False, True, True, True, False, True, True, True]] * 2)
+    _, in_block = block_layout((2, length), 4)
+    config = DrafterLossConfig(top_k=vocab, ce_target="verifier")
+    plain = drafter_loss_parts(logits, x0, scored, in_block, config)
+    weighted = drafter_loss_parts(logits, x0, scored, in_block,
+                                  DrafterLossConfig(top_k=vocab, ce_target="verifier", length_weighting=True))
+    draft, clean = logits[:, :length], logits[:, length:]
+    accept = torch.ones(2, length)
+    accept[:, 1:][scored[:, 1:]] = acceptance(draft[:, 1:][scored[:, 1:]], clean[:, :-1][scored[:, 1:]])
+    alpha = acceptance_prefix(accept, scored, in_block)
+    losses, _ = position_losses(draft[:, 1:][scored[:, 1:]], clean[:, :-1][scored[:, 1:]],
+                                clean[:, :-1][scored[:, 1:]].argmax(-1), alpha[:, 1:][scored[:, 1:]], config)
+    weights = length_weights(accept, scored, in_block)[:, 1:][scored[:, 1:]]
+    assert not torch.allclose(weights, torch.ones_like(weights))  # the weighting changes the loss
+    torch.testing.assert_close(weighted.dlm_sum, (weights * losses).sum())
+    torch.testing.assert_close(plain.dlm_sum, losses.sum())
+    torch.testing.assert_close(weighted.ar_sum, plain.ar_sum)
+    assert weighted.dlm_tokens == plain.dlm_tokens == scored.sum()
