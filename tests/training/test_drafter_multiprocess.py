@@ -35,3 +35,17 @@ def test_drafter_layout_gives_the_single_process_curve(drafter_run, layout, targ
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
         assert x["ar_loss"] == pytest.approx(y["ar_loss"], rel=1e-5, abs=1e-6)
     assert one[-1]["loss"] != one[0]["loss"]  # the adapters train
+
+
+@pytest.mark.multiprocess
+def test_length_weighting_gives_the_single_process_curve_when_rows_are_split(drafter_run):
+    """drafter.length_weighting scales weights per row, so splitting a step's rows over data-parallel ranks and
+    micro-batches leaves the loss and gradients unchanged (a per-micro-batch normalisation would not)."""
+    weighting = "drafter.length_weighting=true"
+    one = drafter_run(1, "one", weighting)
+    many = drafter_run(2, "many", weighting, "train.micro_batch_size=1")
+    unweighted = drafter_run(1, "plain")
+    for x, y in zip(one, many, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    assert one[0]["loss"] != pytest.approx(unweighted[0]["loss"], rel=1e-4)  # the weighting is on
