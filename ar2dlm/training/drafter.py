@@ -23,11 +23,11 @@ lambda_j = exp(-0.5 sg[alpha_j]), alpha_j = the product over the earlier draft p
 a_k = sum_x min(p_k(x), q_k(x)) (T = 1, full vocabulary): the chance that a speculative verifier accepts every
 draft before j. y_j is the data's token x_0[j] (``ce_target="data"``, the published loss) or the verifier's
 greedy token argmax p_j (``"verifier"``: what a greedy verifier accepts). The loss is the sum of w_j L_j over the
-step's draft positions divided by their number, w_j = 1, or with ``length_weighting`` the derivative of the
-block's expected acceptance length E = sum_m prod_{k <= m} a_k with respect to log a_j,
-t_j = sum over the draft positions m >= j of j's block of alpha_m a_m (detached), rescaled per row so that a row's
-weights sum to its number of draft positions: a draft early in a block, whose rejection would cost every draft after
-it, weighs more than one whose block is likely rejected before it.
+step's draft positions divided by their number. w_j = 1, or with ``length_weighting`` w_j is proportional to
+t_j = the sum over the draft positions m >= j of j's block of alpha_m a_m (detached), the derivative of the block's
+expected acceptance length E = sum_m prod_{k <= m} a_k with respect to log a_j, scaled per row so that a row's
+weights sum to its number of draft positions: a draft early in a block, whose rejection would cost every draft
+after it, weighs more than one that the verifier is unlikely to reach.
 """
 
 from __future__ import annotations
