@@ -146,7 +146,7 @@ def add_lora(model_chunks: list, settings: LoraSettings) -> list:
     unknown = [t for t in settings.target_modules if t not in KNOWN_TARGETS and "*" not in t]
     if not settings.target_modules or unknown:
         raise UserError(f"drafter.target_modules={list(settings.target_modules)}: give one or more of "
-                        f"{', '.join(KNOWN_TARGETS)} (or a pattern with '*', e.g. '*.layers.0.*.linear_proj')")
+                        f"{', '.join(KNOWN_TARGETS)} (or a pattern with '*', e.g. '*.linear_fc*')")
     lora_class(target_modules=list(settings.target_modules), dim=settings.rank, alpha=settings.alpha,
                dropout=0.0, lora_A_init_method="xavier", lora_B_init_method="zero")(model_chunks, training=True)
     _refuse_other_wrappers(model_chunks)
@@ -154,6 +154,7 @@ def add_lora(model_chunks: list, settings: LoraSettings) -> list:
     if not found and _model_has_layers(model_chunks):
         raise UserError(f"drafter.target_modules={list(settings.target_modules)} matched no linear layer of the "
                         f"model: nothing would be trained (its targets are {', '.join(KNOWN_TARGETS)})")
+    _refuse_partial_layers(model_chunks, found, settings)
     for layer_number, target, wrapper in found:
         _seeded_init(wrapper, settings, layer_number, target)
     return model_chunks
@@ -171,6 +172,24 @@ def _refuse_other_wrappers(model_chunks: list) -> None:
         raise UserError(f"drafter.target_modules matched layers that megatron-bridge wraps as {', '.join(others)}, "
                         "which cannot act on draft tokens only: target linear_proj, linear_qkv, linear_fc1 or "
                         "linear_fc2 (and turn off Transformer Engine's op fuser)")
+
+
+def _refuse_partial_layers(model_chunks: list, found: list, settings: LoraSettings) -> None:
+    """A target's adapters must be in every layer: megatron checkpoints store a target's layers as one stacked
+    tensor, which a subset of layers cannot fill (the first save would fail after the training it should keep)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    layers = sorted({m.layer_number for chunk in model_chunks for m in chunk.modules()
+                     if isinstance(m, TransformerLayer)})
+    for target in sorted({target for _, target, _ in found}):
+        covered = {layer for layer, name, _ in found if name == target}
+        missing = [layer - 1 for layer in layers if layer not in covered]
+        if missing:
+            raise UserError(f"drafter.target_modules={list(settings.target_modules)} puts {target} adapters in "
+                            f"layers {', '.join(str(layer - 1) for layer in sorted(covered))} but not in "
+                            f"{', '.join(map(str, missing))}: a target's adapters must be in every layer (checkpoints "
+                            f"store them as one tensor stacked over the layers); name the target ({target}) or a "
+                            f"pattern that matches it in every layer")
 
 
 def _model_has_layers(model_chunks: list) -> bool:

@@ -10,6 +10,7 @@ from ar2dlm.model.lora import (
     LoraSettings,
     adapter_mode,
     adapter_tensors,
+    adapters,
     add_lora,
     remove_adapters,
     set_adapter_mode,
@@ -157,6 +158,7 @@ def test_other_targets_and_removal(tiny_provider):
     (("o_projection",), "give one or more of"),
     ((), "give one or more of"),
     (("*.layers.9.*.linear_proj",), "matched no linear layer"),
+    (("*.layers.0.*.linear_proj", "linear_fc1"), r"puts linear_proj adapters in layers 0 but not in 1"),
 ])
 def test_no_trainable_target_is_one_clear_error(tiny_provider, targets, message):
     with pytest.raises(UserError, match=message):
@@ -177,3 +179,9 @@ def test_adapter_weights_round_trip_through_a_distributed_checkpoint(tiny_provid
         assert torch.equal(adapter_tensors(fresh)[key][0], a) and torch.equal(adapter_tensors(fresh)[key][1], b)
     ids = _ids()
     assert torch.equal(_logits(fresh[0].eval(), ids), _logits(chunks[0].eval(), ids))
+
+
+def test_a_pattern_matching_a_target_in_every_layer_is_accepted(tiny_provider):
+    chunks = add_lora(build_model(tiny_provider), LoraSettings(rank=4, alpha=8, target_modules=("*.linear_fc*",)))
+    assert sorted((layer, target) for layer, target, _ in adapters(chunks[0])) == [
+        (1, "linear_fc1"), (1, "linear_fc2"), (2, "linear_fc1"), (2, "linear_fc2")]
