@@ -56,7 +56,8 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "drafter.rank": "objective drafter: LoRA rank (integer >= 1, a multiple of parallel.tensor; NLD: 128)",
     "drafter.alpha": "objective drafter: LoRA alpha, the adapter output is scaled by alpha / rank (> 0; NLD: 512)",
     "drafter.target_modules": "objective drafter: megatron-core linears that get an adapter: linear_proj (attention "
-                              "output, HF o_proj), linear_qkv, linear_fc1, linear_fc2, or a pattern with '*'",
+                              "output, HF o_proj), linear_qkv, linear_fc1, linear_fc2, or a pattern with '*' "
+                              "that matches its target in every layer",
     "drafter.kl_temperature": "objective drafter: temperature of the draft and verifier distributions in the KL / TV "
                               "terms (> 0)",
     "drafter.top_k": "objective drafter: the KL / TV terms run over the top-k tokens of both distributions (>= 1)",
