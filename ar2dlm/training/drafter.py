@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ar2dlm.training.loss import LossParts, split_doubled
-from ar2dlm.training.noise import block_layout
+from ar2dlm.training.noise import block_ids, block_layout
 
 LAMBDA_SCALE = 0.5  # lambda_j = exp(-LAMBDA_SCALE * alpha_j)
 CE_TARGETS = ("data", "verifier")
@@ -82,10 +82,7 @@ def acceptance_prefix(accept: Tensor, scored: Tensor, in_block: Tensor) -> Tenso
     (1 at the first draft position of a block)."""
     log_a = torch.where(scored, accept.double().clamp(min=1e-30).log(), torch.zeros((), dtype=torch.float64,
                                                                                       device=accept.device))
-    before = log_a.cumsum(dim=1) - log_a
-    position = torch.arange(accept.shape[1], device=accept.device).expand_as(before)
-    start = (position - in_block.to(accept.device)).clamp(min=0)
-    return (before - before.gather(1, start)).exp().to(accept.dtype)
+    return _sum_before_in_block(log_a, in_block).exp().to(accept.dtype)
 
 
 def length_weights(accept: Tensor, scored: Tensor, in_block: Tensor) -> Tensor:
@@ -94,15 +91,19 @@ def length_weights(accept: Tensor, scored: Tensor, in_block: Tensor) -> Tensor:
     its number of scored positions; 0 elsewhere."""
     in_block = in_block.to(accept.device)
     reached = torch.where(scored, acceptance_prefix(accept, scored, in_block).double() * accept.double(), 0.0)
-    block = (in_block == 0).long().cumsum(dim=1) - 1
+    block = block_ids(in_block)
     block_total = torch.zeros_like(reached).scatter_add(1, block, reached).gather(1, block)
-    position = torch.arange(accept.shape[1], device=accept.device).expand_as(reached)
-    start = (position - in_block).clamp(min=0)
-    running = reached.cumsum(dim=1)
-    before = running.gather(1, start) - reached.gather(1, start)  # the sum before j's block
-    tail = torch.where(scored, block_total - (running - before) + reached, 0.0)
+    tail = torch.where(scored, block_total - _sum_before_in_block(reached, in_block), 0.0)
     scale = scored.sum(dim=1, keepdim=True) / tail.sum(dim=1, keepdim=True).clamp(min=1e-30)
     return (tail * scale).to(accept.dtype)
+
+
+def _sum_before_in_block(values: Tensor, in_block: Tensor) -> Tensor:
+    """[B, L]: the sum of ``values`` over the earlier positions of each position's block."""
+    before = values.cumsum(dim=1) - values
+    position = torch.arange(values.shape[1], device=values.device).expand_as(before)
+    start = (position - in_block.to(values.device)).clamp(min=0)
+    return before - before.gather(1, start)
 
 
 def position_losses(draft_logits: Tensor, target_logits: Tensor, targets: Tensor, alpha: Tensor,

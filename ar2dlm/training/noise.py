@@ -97,8 +97,12 @@ def block_layout(
     if document_ids is None:
         return pos // block_size, pos % block_size
     in_block = (pos - document_starts(document_ids.cpu())) % block_size
-    block_id = (in_block == 0).long().cumsum(dim=1) - 1
-    return block_id, in_block
+    return block_ids(in_block), in_block
+
+
+def block_ids(in_block: Tensor) -> Tensor:
+    """Block index [B, L] of every position from the in-block positions (a block starts where it is 0)."""
+    return (in_block == 0).long().cumsum(dim=1) - 1
 
 
 def sample_noise(

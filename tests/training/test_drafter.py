@@ -190,7 +190,10 @@ def test_length_weighting_scales_each_positions_loss():
     alpha = acceptance_prefix(accept, scored, in_block)
     losses, _ = position_losses(draft[:, 1:][scored[:, 1:]], clean[:, :-1][scored[:, 1:]],
                                 clean[:, :-1][scored[:, 1:]].argmax(-1), alpha[:, 1:][scored[:, 1:]], config)
-    weights = length_weights(accept, scored, in_block)[:, 1:][scored[:, 1:]]
+    per_row = length_weights(accept, scored, in_block)
+    # each row's weights sum to its drafts, whatever the other rows hold (a layout-independent loss)
+    torch.testing.assert_close(per_row.sum(dim=1), scored.sum(dim=1).float())
+    weights = per_row[:, 1:][scored[:, 1:]]
     assert not torch.allclose(weights, torch.ones_like(weights))  # the weighting changes the loss
     torch.testing.assert_close(weighted.dlm_sum, (weights * losses).sum())
     torch.testing.assert_close(plain.dlm_sum, losses.sum())
