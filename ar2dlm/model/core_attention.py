@@ -9,13 +9,15 @@ settings (base, scaling) come from the model config that megatron-bridge fills f
 What a forward attends to is described by an :class:`AttentionLayout`, passed through the GPT
 model as its ``attention_mask`` argument (as itself, or wrapped by :func:`layout_tensor` where
 megatron-core needs a tensor). A plain boolean tensor in Megatron's convention (True =
-masked out) is accepted too. ``None`` is refused: megatron-core silently applies no mask at all in
+masked out) is accepted too, and so is an object with an ``attend(module, query, key, value)`` method, which
+then computes the attention itself (the drafter's split forward, :mod:`ar2dlm.model.draft_pass`). ``None`` is refused: megatron-core silently applies no mask at all in
 that case for arbitrary mask types.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,9 @@ from torch import Tensor
 from ar2dlm.model.attention import Kernel, block_diffusion_attention
 from ar2dlm.model.context_parallel import ContextShard, gather_sequence, sharded_attention
 from ar2dlm.model.masks import Layout, is_doubled, total_length
+
+if TYPE_CHECKING:
+    from ar2dlm.model.draft_pass import DraftPlan
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class AttentionLayout:
     document_ids: Tensor | None = None
     kernel: Kernel = "auto"
     shard: ContextShard | None = None  # this rank's tokens under context parallelism
+    draft_plan: DraftPlan | None = None  # objective drafter: the split forward's plan (model/draft_pass.py)
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def positions(self, device: torch.device) -> Tensor:
@@ -63,18 +69,18 @@ class AttentionLayout:
 
 
 class LayoutTensor(torch.Tensor):
-    """An empty tensor carrying an :class:`AttentionLayout` through megatron-core code that only passes
-    tensors (activation recompute keeps the layer inputs, the attention mask among them, with
+    """An empty tensor carrying an :class:`AttentionLayout` (or an object with ``attend``) through megatron-core
+    code that only passes tensors (activation recompute keeps the layer inputs, the attention mask among them, with
     ``save_for_backward``)."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl
-    attention_layout: AttentionLayout
+    attention_layout: AttentionLayout  # or an object with ``attend`` (module docstring)
 
     def detach(self) -> LayoutTensor:  # recompute detaches the saved inputs before re-running the layers
         return layout_tensor(self.attention_layout)
 
 
-def layout_tensor(layout: AttentionLayout) -> LayoutTensor:
+def layout_tensor(layout) -> LayoutTensor:
     carrier = torch.Tensor._make_subclass(LayoutTensor, torch.empty(0, dtype=torch.bool))
     carrier.attention_layout = layout
     return carrier
@@ -103,21 +109,26 @@ class BlockDiffusionCoreAttention(MegatronModule):
         if inv_freq is not None:
             self.rotary.inv_freq = torch.tensor(inv_freq, dtype=torch.float32)
 
+    def _frequencies(self, positions: Tensor) -> Tensor:
+        """[S, 1, 1, rotary_dim] for positions [S], or [S, B, 1, rotary_dim] for positions per row [S, B]."""
+        freqs = self.rotary.get_emb(int(positions.max()) + 1).to(positions.device)[positions]
+        return freqs if positions.dim() == 1 else freqs.flatten(2, 3)
+
     def _rotary_tables(self, positions: Tensor, dtype: torch.dtype, cache: dict | None) -> tuple[Tensor, Tensor]:
-        """cos/sin [S, 1, 1, rotary_dim] for ``positions``, computed once per forward when ``cache`` is given."""
+        """cos/sin of :meth:`_frequencies`, computed once per forward when ``cache`` is given."""
         key = ("rotary", dtype, positions.device)
         if cache is not None and key in cache:
             return cache[key]
-        freqs = self.rotary.get_emb(int(positions.max()) + 1).to(positions.device)[positions]  # [S, 1, 1, dim]
+        freqs = self._frequencies(positions)
         tables = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
         if cache is not None:
             cache[key] = tables
         return tables
 
-    def _apply_rotary(self, tensor: Tensor, positions: Tensor, cache: dict | None) -> Tensor:
+    def apply_rotary(self, tensor: Tensor, positions: Tensor, cache: dict | None) -> Tensor:
+        """``tensor`` [S, B, heads, d] rotated to ``positions`` ([S], or [S, B] per row)."""
         if self.config.rotary_interleaved or self.config.apply_rope_fusion:
-            freqs = self.rotary.get_emb(int(positions.max()) + 1).to(tensor.device)[positions]
-            return apply_rotary_pos_emb(tensor, freqs, config=self.config)
+            return apply_rotary_pos_emb(tensor, self._frequencies(positions.to(tensor.device)), config=self.config)
         cos, sin = self._rotary_tables(positions, tensor.dtype, cache)
         rotary_dim = cos.shape[-1]
         rotated, passed = tensor[..., :rotary_dim], tensor[..., rotary_dim:]
@@ -134,6 +145,8 @@ class BlockDiffusionCoreAttention(MegatronModule):
             raise ValueError("block-diffusion attention needs an AttentionLayout or an explicit boolean mask")
         if isinstance(attention_mask, LayoutTensor):
             attention_mask = attention_mask.attention_layout
+        if callable(getattr(attention_mask, "attend", None)):
+            return attention_mask.attend(self, query, key, value)
         seq = query.shape[0]
         if isinstance(attention_mask, AttentionLayout):
             if attention_mask.local_length != seq:
@@ -142,8 +155,8 @@ class BlockDiffusionCoreAttention(MegatronModule):
         else:
             positions = torch.arange(seq, device=query.device)
         cache = attention_mask.cache if isinstance(attention_mask, AttentionLayout) else None
-        query = self._apply_rotary(query, positions, cache)
-        key = self._apply_rotary(key, positions, cache)
+        query = self.apply_rotary(query, positions, cache)
+        key = self.apply_rotary(key, positions, cache)
         shard = attention_mask.shard if isinstance(attention_mask, AttentionLayout) else None
         if shard is not None:
             key, value = gather_sequence(key, shard.group), gather_sequence(value, shard.group)

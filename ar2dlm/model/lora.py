@@ -12,7 +12,9 @@ ar2dlm adds one thing, the wrapper ``DrafterLoRALinear``: a *mode* that says whi
 ``on`` (every token), ``off`` (none: the base model) and ``noisy_stream`` (only the first half of the sequence,
 the noisy stream of the doubled ``[x_t ; x_0]`` input). With ``noisy_stream`` one forward of the doubled
 sequence is exactly a draft pass with the adapter on that reads a clean causal prefix computed with the adapter
-off, as the runtime's draft passes read a KV cache written by adapter-free passes.
+off, as the runtime's draft passes read a KV cache written by adapter-free passes. Drafter runs compute the same
+logits with the cheaper split forward of :mod:`ar2dlm.model.draft_pass` (adapters ``on``, turned ``off`` for its
+clean pass); ``noisy_stream`` is its reference.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ seed being the block's first clean token, except that positions outside the loss
 turns) stay clean: at inference they are context the draft reads, never drafted. A block that straddles the end
 of a prompt would otherwise draft the answer with the prompt's last tokens hidden (on the demo that mismatch
 held the drafter to +2% acceptance; without it, +7.5%: docs/design.md §4.7). The adapters act on the draft
-stream only (``noisy_stream`` mode of :mod:`ar2dlm.model.lora`), so one forward gives both distributions the
-loss needs:
+stream only, so one forward gives both distributions the loss needs (a drafter model computes it as the split
+forward of :mod:`ar2dlm.model.draft_pass`: the same logits wherever the loss reads them, at about two thirds of
+the cost):
 
 - the verifier's, p_j: the clean-stream logit at j-1, i.e. the causal AR pass of the frozen model with the
   adapter off (the clean stream never reads the draft stream, and no adapter acts on it); detached;

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from ar2dlm.errors import UserError
 from ar2dlm.model.checkpoint import WEIGHTS_DIR, CheckpointMetadata, load_model, load_weights, read_metadata
+from ar2dlm.model.draft_pass import use_split_forward
 from ar2dlm.model.lora import METADATA_KEY, LoraSettings, add_lora, checkpoint_lora, set_adapter_mode
 from ar2dlm.training.drafter import DrafterLossConfig
 
@@ -59,7 +60,8 @@ def without_adapter(metadata: CheckpointMetadata) -> CheckpointMetadata:
 
 def load_drafter_model(directory: Path, settings: LoraSettings, *, resuming: bool, **load_options) -> list:
     """The model chunks of a drafter run starting from ``directory`` (see the module docstring); every base
-    parameter frozen, the adapters in ``noisy_stream`` mode. ``load_options`` go to :func:`load_model`."""
+    parameter frozen, the adapters on, the transformer blocks with the split forward of
+    :mod:`ar2dlm.model.draft_pass` (the adapters act on drafts only). ``load_options`` go to :func:`load_model`."""
     metadata = read_metadata(directory)
     require_mask_token(metadata, directory)
     saved = checkpoint_lora(metadata)
@@ -74,5 +76,5 @@ def load_drafter_model(directory: Path, settings: LoraSettings, *, resuming: boo
     else:
         chunks, _, _ = load_model(directory, **load_options)
         add_lora(chunks, settings)
-    set_adapter_mode(chunks, "noisy_stream")  # megatron-core's transformer block makes its input require grad,
-    return chunks  # so activation recompute still reaches the adapters although every base weight is frozen
+    set_adapter_mode(chunks, "on")  # the split forward turns them off for its clean pass
+    return use_split_forward(chunks)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ar2dlm.model.context_parallel import ContextShard
 from ar2dlm.model.core_attention import AttentionLayout, LayoutTensor, layout_tensor
+from ar2dlm.model.draft_pass import draft_plan
 from ar2dlm.model.masks import doubled_layout
 from ar2dlm.training.block_sizes import RandomBlockSizes
 from ar2dlm.training.complementary import first_of_pair, paired, repeat_rows
@@ -135,6 +136,8 @@ def _drafter_batch(x0: Tensor, loss_mask: Tensor | None, layout: AttentionLayout
     weight = scored.float()
     noise = NoiseDraw(draft_ids, scored, weight, torch.ones_like(weight),
                       weight.sum(dim=1) / loss_mask.sum(dim=1).clamp(min=1))
+    blocks, _ = block_layout(tuple(x0.shape), layout.block_size, layout.document_ids)
+    layout = replace(layout, draft_plan=draft_plan(scored, blocks))
     return PreparedBatch(torch.cat([draft_ids, x0], dim=1), None, layout, noise, None, loss_mask)
 
 
@@ -159,6 +162,8 @@ def model_inputs(prepared: PreparedBatch, device: torch.device) -> tuple[Tensor,
     layout = prepared.layout
     if layout.document_ids is not None:
         layout = replace(layout, document_ids=layout.document_ids.to(device), cache={})
+    if layout.draft_plan is not None:
+        layout = replace(layout, draft_plan=layout.draft_plan.to(device), cache={})
     labels = None if prepared.labels is None else prepared.labels.to(device)  # None: the model returns logits
     return prepared.input_ids.to(device), labels, layout_tensor(layout)
 
