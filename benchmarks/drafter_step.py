@@ -3,27 +3,20 @@
 Same model, same micro-batch, one process (docs/design.md §4.7). The rows pack documents of a prompt (not scored,
 as the demo's prompt / answer pairs) and an answer; the drafter's split forward skips the draft blocks that hold
 no answer position. Prints the machine, the settings, median step times (forward + backward) and the ratios.
+
+    python -m benchmarks.drafter_step
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-
-def _step_seconds(model, prepared, settings) -> float:
-    from ar2dlm.training.forward import forward_loss
-
-    started = time.perf_counter()
-    model.zero_grad(set_to_none=True)
-    forward_loss(model, prepared, settings).loss().backward()
-    return time.perf_counter() - started
+from benchmarks.train_step_ratio import converted_qwen3, machine_line, step_seconds
 
 
 def packed_batch(batch: int, length: int, document: int, prompt: int, vocab: int):
@@ -50,32 +43,25 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
 
-    from ar2dlm.conversion.convert import convert
     from ar2dlm.distributed import ParallelLayout, init_distributed
     from ar2dlm.model.checkpoint import load_model
     from ar2dlm.model.draft_pass import use_split_forward
-    from ar2dlm.model.hf_factory import make_hf_model, train_tokenizer
     from ar2dlm.model.lora import LoraSettings, add_lora, set_adapter_mode
     from ar2dlm.training.drafter import DrafterLossConfig
-    from ar2dlm.training.forward import ObjectiveSettings, prepare_batch
+    from ar2dlm.training.forward import ObjectiveSettings, forward_loss, prepare_batch
     from ar2dlm.training.loss import objective_weights
     from ar2dlm.training.noise import NoiseConfig
 
     init_distributed(ParallelLayout())
-    print(f"machine: {platform.platform()} | python {platform.python_version()} | torch {torch.__version__} | "
-          f"threads {torch.get_num_threads()}")
+    print(machine_line())
     print(f"settings: Qwen3 hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.length}, "
           f"documents of {args.document} tokens ({args.prompt} prompt), block {args.block_size}, LoRA rank "
           f"{args.rank} on linear_proj / fc1 / fc2, fp32, forward+backward, median of {args.reps}")
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = train_tokenizer(["benchmark text " * 20], 300, extra_special_tokens=["<|fim_pad|>"])
-        source = make_hf_model("Qwen3ForCausalLM", Path(tmp) / "src", vocab_size=len(tokenizer), tokenizer=tokenizer,
-                               hidden_size=args.hidden, num_layers=args.layers, num_attention_heads=4,
-                               num_key_value_heads=2, intermediate_size=3 * args.hidden)
-        convert(source, Path(tmp) / "converted")
+        converted, vocab = converted_qwen3(Path(tmp), args.hidden, args.layers)
 
         def model(drafter: str | None):
-            chunks, metadata, _ = load_model(Path(tmp) / "converted", seq_length=2 * args.length)
+            chunks, metadata, _ = load_model(converted, seq_length=2 * args.length)
             if drafter is not None:
                 add_lora(chunks, LoraSettings(rank=args.rank, alpha=2.0 * args.rank,
                                               target_modules=("linear_proj", "linear_fc1", "linear_fc2")))
@@ -93,11 +79,9 @@ def main() -> None:
                                                  pad_id=0, drafter=loss)}
         settings["split"] = settings["doubled"]
         settings["joint"] = ObjectiveSettings(objective_weights("joint"), noise, "causal", "auto", seed=0, pad_id=0)
-        batch = packed_batch(args.batch, args.length, args.document, args.prompt, len(tokenizer))
+        batch = packed_batch(args.batch, args.length, args.document, args.prompt, vocab)
         prepared = {name: prepare_batch(batch, 1, settings[name]) for name in models}
         plan = prepared["split"].layout.draft_plan
-        from ar2dlm.training.forward import forward_loss
-
         with torch.no_grad():
             same = [float(forward_loss(models[name][0], prepared[name], settings[name]).loss()) for name in
                     ("doubled", "split")]
@@ -106,7 +90,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in models}
         for rep in range(args.reps + 1):  # interleaved, so load changes hit every variant alike
             for name, (module, _) in models.items():
-                seconds = _step_seconds(module, prepared[name], settings[name])
+                seconds = step_seconds(module, prepared[name], settings[name])
                 if rep:
                     times[name].append(seconds)
         medians = {name: statistics.median(values) for name, values in times.items()}

@@ -17,13 +17,32 @@ from pathlib import Path
 import torch
 
 
-def _step_seconds(model, prepared, settings) -> float:
+def step_seconds(model, prepared, settings) -> float:
+    """Wall time of one forward + backward of the objective ``settings`` on a prepared micro-batch."""
     from ar2dlm.training.forward import forward_loss
 
     started = time.perf_counter()
     model.zero_grad(set_to_none=True)
     forward_loss(model, prepared, settings).loss_sum.backward()
     return time.perf_counter() - started
+
+
+def machine_line() -> str:
+    return (f"machine: {platform.platform()} | python {platform.python_version()} | torch {torch.__version__} | "
+            f"threads {torch.get_num_threads()}")
+
+
+def converted_qwen3(folder: Path, hidden: int, layers: int) -> tuple[Path, int]:
+    """(a random Qwen3 of ``hidden`` / ``layers`` converted into ``folder``/converted, its vocabulary size)."""
+    from ar2dlm.conversion.convert import convert
+    from ar2dlm.model.hf_factory import make_hf_model, train_tokenizer
+
+    tokenizer = train_tokenizer(["benchmark text " * 20], 300, extra_special_tokens=["<|fim_pad|>"])
+    source = make_hf_model("Qwen3ForCausalLM", folder / "src", vocab_size=len(tokenizer), tokenizer=tokenizer,
+                           hidden_size=hidden, num_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=3 * hidden)
+    convert(source, folder / "converted")
+    return folder / "converted", len(tokenizer)
 
 
 def main() -> None:
@@ -36,30 +55,23 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
 
-    from ar2dlm.conversion.convert import convert
     from ar2dlm.data.loader import Batch
     from ar2dlm.distributed import ParallelLayout, init_distributed
     from ar2dlm.model.checkpoint import load_model
-    from ar2dlm.model.hf_factory import make_hf_model, train_tokenizer
     from ar2dlm.training.forward import ObjectiveSettings, prepare_batch
     from ar2dlm.training.loss import objective_weights
     from ar2dlm.training.noise import NoiseConfig
 
     init_distributed(ParallelLayout())
-    print(f"machine: {platform.platform()} | python {platform.python_version()} | torch {torch.__version__} | "
-          f"threads {torch.get_num_threads()}")
+    print(machine_line())
     print(f"settings: Qwen3 hidden {args.hidden}, {args.layers} layers, batch {args.batch}, block {args.block_size}, "
           f"fp32, forward+backward, median of {args.reps}")
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = train_tokenizer(["benchmark text " * 20], 300, extra_special_tokens=["<|fim_pad|>"])
-        source = make_hf_model("Qwen3ForCausalLM", Path(tmp) / "src", vocab_size=len(tokenizer), tokenizer=tokenizer,
-                               hidden_size=args.hidden, num_layers=args.layers, num_attention_heads=4,
-                               num_key_value_heads=2, intermediate_size=3 * args.hidden)
-        convert(source, Path(tmp) / "converted")
-        chunks, metadata, _ = load_model(Path(tmp) / "converted", seq_length=2 * max(args.lengths))
+        converted, vocab = converted_qwen3(Path(tmp), args.hidden, args.layers)
+        chunks, metadata, _ = load_model(converted, seq_length=2 * max(args.lengths))
         model = chunks[0].train()
         for length in args.lengths:
-            ids = torch.randint(0, len(tokenizer), (args.batch, length), generator=torch.Generator().manual_seed(0))
+            ids = torch.randint(0, vocab, (args.batch, length), generator=torch.Generator().manual_seed(0))
             batch = Batch(ids, torch.ones_like(ids, dtype=torch.bool), None, torch.arange(args.batch))
             noise = NoiseConfig(mask_token_id=metadata.mask_token_id, block_size=args.block_size)
             runs = {
@@ -74,7 +86,7 @@ def main() -> None:
             times: dict[str, list[float]] = {name: [] for name in runs}
             for rep in range(args.reps + 1):  # interleaved, so load changes hit every variant alike
                 for name, settings in runs.items():
-                    seconds = _step_seconds(model, prepared[name], settings)
+                    seconds = step_seconds(model, prepared[name], settings)
                     if rep:
                         times[name].append(seconds)
             medians = {name: statistics.median(values) for name, values in times.items()}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke test: one script, one GPU, under 8 minutes (hard time budget), nothing installed or downloaded.
+# GPU smoke test: one script, one GPU, under 9 minutes (hard time budget), nothing installed or downloaded.
 #
 #   launch/gpu_smoke.sh            # needs a CUDA build of torch, Transformer Engine, and the dev extra (pytest)
 #
@@ -8,12 +8,14 @@
 #    (ar2dlm.data.synthetic, written to JSONL), converted with `ar2dlm convert`;
 # 3. 30 steps of joint AR + diffusion training with the Transformer Engine layers in bf16, then the same in
 #    FP8 (train.fp8=hybrid train.fp8_recipe=delayed); both loss curves and tokens/s are printed;
-# 4. `ar2dlm export` of the bf16 run and `ar2dlm generate` in the three decoding modes.
+# 4. `ar2dlm export` of the bf16 run and `ar2dlm generate` in the three decoding modes;
+# 5. 10 steps of the drafter LoRA (train.objective=drafter, bf16) from the bf16 run, its export, and
+#    `ar2dlm generate` in self-speculation with the drafter.
 # A summary goes to $OUT/gpu_smoke_summary.txt when OUT is set, else ./gpu_smoke_summary.txt.
 # Exit status: 0 when every step passed, 1 when one failed, 2 when there is no CUDA GPU / Transformer Engine.
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), WORK (scratch folder, default a new temp
-# folder), STEPS (default 30), BUDGET_S (whole-script time budget in seconds, default 450).
+# folder), STEPS (default 30), BUDGET_S (whole-script time budget in seconds, default 510).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,7 +35,7 @@ if ! "$PYTHON" -c 'import transformer_engine.pytorch' >/dev/null 2>&1; then
 fi
 
 STEPS="${STEPS:-30}"
-BUDGET_S="${BUDGET_S:-450}"
+BUDGET_S="${BUDGET_S:-510}"
 WORK="${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/ar2dlm-gpu-smoke.XXXXXX")}"
 mkdir -p "$WORK"
 if [ -n "${OUT:-}" ]; then
@@ -173,6 +175,21 @@ for mode in ar diffusion self_spec; do
         tail -n 2 "$WORK/generate_$mode.log" | sed 's/^/      /' | tee -a "$SUMMARY"
     fi
 done
+
+# 5. the drafter LoRA from the bf16 run, exported, drafting in self-speculation
+if run train_drafter 120 "${AR2DLM[@]}" train init="${CHECKPOINT:-$WORK/run_bf16/checkpoints/missing}" \
+    "data.sources=[{path: $WORK/corpus.jsonl}]" data.seq_length=512 diffusion.block_size=32 \
+    train.objective=drafter train.steps=10 train.global_batch_size=32 train.micro_batch_size=8 \
+    train.precision=bf16 drafter.rank=16 drafter.alpha=32 optim.lr=1e-3 optim.warmup_steps=0 \
+    checkpoint.save_interval=0 seed=1234 output="$WORK/run_drafter"; then
+    grep -E "train \(drafter\): 10/10" "$WORK/train_drafter.log" | tail -n 1 | sed 's/^/      /' | tee -a "$SUMMARY"
+    DRAFTER="$(ls -d "$WORK"/run_drafter/checkpoints/step_* 2>/dev/null | sort | tail -n 1)"
+    run export_drafter 120 "${AR2DLM[@]}" export checkpoint="${DRAFTER:-$WORK/run_drafter/checkpoints/missing}" \
+        output="$WORK/exported_drafter" overwrite=true &&
+    run generate_self_spec_drafter 60 "${AR2DLM[@]}" generate model="$WORK/exported_drafter" mode=self_spec \
+        "prompt='copy: a b 3 c 7 d ='" max_new_tokens=32 block_length=32 device=cuda &&
+    tail -n 2 "$WORK/generate_self_spec_drafter.log" | sed 's/^/      /' | tee -a "$SUMMARY"
+fi
 
 say ""
 if [ "$FAILED" = 0 ]; then

@@ -75,3 +75,13 @@ def test_one_joint_fp8_step_is_close_to_bf16(train_cfg):
     bf16 = _assert_finite_step(Trainer(train_cfg("bf16")).fit())
     fp8 = _assert_finite_step(Trainer(train_cfg("fp8", "train.fp8=hybrid", "train.fp8_recipe=delayed")).fit())
     assert fp8["loss"] == pytest.approx(bf16["loss"], rel=0.05)
+
+
+def test_one_drafter_bf16_step_with_the_split_forward(train_cfg):
+    """The drafter on Transformer Engine layers: megatron-bridge's LoRA on TE linears, the split forward's clean
+    pass (flex attention) and draft pass (SDPA over the clean keys and the plan's draft keys) in bf16."""
+    from ar2dlm.model.draft_pass import DrafterTransformerBlock
+
+    trainer = Trainer(train_cfg("drafter", "train.objective=drafter", "drafter.rank=4", "drafter.alpha=16"))
+    assert any(isinstance(m, DrafterTransformerBlock) for chunk in trainer.model for m in chunk.modules())
+    _assert_finite_step(trainer.fit())
