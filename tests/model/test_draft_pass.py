@@ -62,11 +62,13 @@ def _batch() -> Batch:
     return Batch(ids, loss_mask, DOCUMENTS, torch.tensor([10, 11]))
 
 
-def _drafter(tiny_provider, recompute: bool = False):
+def _drafter(tiny_provider, recompute: str = "none"):
     torch.manual_seed(0)
-    if recompute:
+    if recompute == "full":
         tiny_provider.recompute_granularity, tiny_provider.recompute_method = "full", "uniform"
         tiny_provider.recompute_num_layers = 1
+    elif recompute == "selective":  # the core attention alone: the split forward's pass objects are re-read
+        tiny_provider.recompute_granularity, tiny_provider.recompute_modules = "selective", ["core_attn"]
     chunks = add_lora(build_model(tiny_provider), LoraSettings(rank=4, alpha=8,
                                                               target_modules=("linear_proj", "linear_fc2")))
     generator = torch.Generator().manual_seed(1)
@@ -84,7 +86,7 @@ def _loss_and_gradients(chunks, prepared, settings):
     return parts.dlm_sum.detach(), {name: p.grad.clone() for name, p in trainable_parameters(chunks)}
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "full_recompute"])
+@pytest.mark.parametrize("recompute", ["none", "full", "selective"])
 def test_split_forward_gives_the_doubled_forwards_loss_and_adapter_gradients(tiny_provider, recompute):
     """The reference: one doubled forward with the adapters on the draft stream only (noisy_stream)."""
     settings = _settings()
