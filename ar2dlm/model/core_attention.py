@@ -17,7 +17,6 @@ that case for arbitrary mask types.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +27,8 @@ from torch import Tensor
 
 from ar2dlm.model.attention import Kernel, block_diffusion_attention
 from ar2dlm.model.context_parallel import ContextShard, gather_sequence, sharded_attention
+from ar2dlm.model.draft_plan import DraftPlan
 from ar2dlm.model.masks import Layout, is_doubled, total_length
-
-if TYPE_CHECKING:
-    from ar2dlm.model.draft_pass import DraftPlan
 
 
 @dataclass(frozen=True)

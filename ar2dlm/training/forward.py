@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ar2dlm.model.context_parallel import ContextShard
 from ar2dlm.model.core_attention import AttentionLayout, LayoutTensor, layout_tensor
-from ar2dlm.model.draft_pass import draft_plan
+from ar2dlm.model.draft_plan import draft_plan
 from ar2dlm.model.masks import doubled_layout
 from ar2dlm.training.block_sizes import RandomBlockSizes
 from ar2dlm.training.complementary import first_of_pair, paired, repeat_rows
