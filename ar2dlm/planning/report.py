@@ -76,6 +76,10 @@ def _footprint(memory: GpuMemory) -> dict[str, int]:
 
 def _notes(run: PlannedRun, memory: GpuMemory, variants: dict) -> list[str]:
     notes = ["attention work and masks are counted for one document per row (packed documents only remove work)"]
+    if run.objective == "drafter":
+        notes.append("train.objective=drafter is planned as a joint step over [x_d ; x_0], an upper bound: a drafter "
+                     "run holds gradients and optimizer state for its LoRA adapters only, and its split forward runs "
+                     "the clean stream without autograd and only the scored draft blocks (docs/design.md §4.7)")
     if run.kernel == "sdpa":
         sparse = "flex" if run.device == "gpu" else "split"
         notes.append(f"the dense mask costs {memory.mask.dense_per_layer / GB:.2f} GB per layer; "

@@ -125,3 +125,11 @@ def test_an_init_checkpoint_is_planned_as_train_builds_it(run_setup):
                               "model.vocab_size=304", stage="plan"))
     assert described.run.shape == plan.run.shape
     assert any("hidden_size 96 vs 64" in note for note in described.notes)
+
+
+def test_a_drafter_run_is_planned_as_an_upper_bound_and_says_so():
+    drafter = _plan("recipe=llama3_1_8b_joint", "train.objective=drafter")
+    joint = _plan("recipe=llama3_1_8b_joint")
+    assert drafter.memory.total == joint.memory.total
+    assert any("upper bound" in note and "adapters only" in note for note in drafter.notes)
+    assert not any("upper bound" in note for note in joint.notes)
