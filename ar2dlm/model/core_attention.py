@@ -9,9 +9,10 @@ settings (base, scaling) come from the model config that megatron-bridge fills f
 What a forward attends to is described by an :class:`AttentionLayout`, passed through the GPT
 model as its ``attention_mask`` argument (as itself, or wrapped by :func:`layout_tensor` where
 megatron-core needs a tensor). A plain boolean tensor in Megatron's convention (True =
-masked out) is accepted too, and so is an object with an ``attend(module, query, key, value)`` method, which
-then computes the attention itself (the drafter's split forward, :mod:`ar2dlm.model.draft_pass`). ``None`` is refused: megatron-core silently applies no mask at all in
-that case for arbitrary mask types.
+masked out) is accepted too, and so is an object with an ``attend(module, query, key, value)``
+method, which then computes the attention itself (the drafter's split forward,
+:mod:`ar2dlm.model.draft_pass`). ``None`` is refused: megatron-core silently applies no mask at
+all in that case for arbitrary mask types.
 """
 
 from __future__ import annotations

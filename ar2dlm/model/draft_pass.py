@@ -8,7 +8,7 @@ are read by none. A :class:`DrafterTransformerBlock` given a layout with a :clas
 logits at every position the loss reads, in two passes through its layers:
 
 1. the clean pass: x_0 under the causal mask, the adapters off, under ``torch.no_grad()``; each layer keeps its
-   keys (after rotary) and values;
+   keys and values;
 2. the draft pass: the positions of x_d in the plan (every position of each block holding a scored position,
    padded with other positions to a common width), the adapters on, each layer's attention reading the clean
    pass's keys and values and the plan's draft keys under the ``doubled_causal`` mask's draft rows.
@@ -29,7 +29,6 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import WrappedTensor
 from torch import Tensor
 
-from ar2dlm.model.attention import block_diffusion_attention
 from ar2dlm.model.core_attention import AttentionLayout, LayoutTensor, layout_tensor
 from ar2dlm.model.draft_plan import DraftPlan, draft_rows_mask
 from ar2dlm.model.lora import adapter_mode
@@ -37,21 +36,15 @@ from ar2dlm.model.lora import adapter_mode
 
 @dataclass
 class _CleanPass:
-    """The clean pass's attention: the causal layout of x_0, each layer's keys and values kept in ``store``."""
+    """The clean pass's attention: the core attention's own over the causal layout of x_0, each layer's keys
+    (before rotary) and values kept in ``store``."""
 
     layout: AttentionLayout
     store: dict = field(default_factory=dict)
 
     def attend(self, module, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        positions = self.layout.positions(query.device)
-        query = module.apply_rotary(query, positions, self.layout.cache)
-        key = module.apply_rotary(key, positions, self.layout.cache)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        self.store[module.layer_number] = (k, v)
-        out = block_diffusion_attention(q, k, v, layout="causal", block_size=self.layout.block_size,
-                                        seq_len=self.layout.seq_len, document_ids=self.layout.document_ids,
-                                        kernel=self.layout.kernel, scale=module.softmax_scale, cache=self.layout.cache)
-        return out.permute(2, 0, 1, 3).reshape(query.shape[0], out.shape[0], -1)
+        self.store[module.layer_number] = (key, value)
+        return module.forward(query, key, value, self.layout)
 
 
 @dataclass
@@ -64,13 +57,14 @@ class _DraftPass:
     cache: dict = field(default_factory=dict)
 
     def attend(self, module, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        positions = self.plan.index.T  # [P, B]: a position per token and row
-        query = module.apply_rotary(query, positions, self.cache)
-        key = module.apply_rotary(key, positions, self.cache)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        clean_k, clean_v = self.clean.store[module.layer_number]
-        out = F.scaled_dot_product_attention(q, torch.cat([clean_k, k], dim=2), torch.cat([clean_v, v], dim=2),
-                                             attn_mask=self.mask, scale=module.softmax_scale,
+        clean_key, clean_value = self.clean.store[module.layer_number]
+        draft_positions = self.plan.index.T  # [P, B]: a position per token and row
+        clean_positions = torch.arange(clean_key.shape[0], device=draft_positions.device)
+        positions = torch.cat([clean_positions[:, None].expand(-1, draft_positions.shape[1]), draft_positions])
+        query = module.apply_rotary(query, draft_positions, self.cache)
+        key = module.apply_rotary(torch.cat([clean_key, key]), positions, None)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, torch.cat([clean_value, value])))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=module.softmax_scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], out.shape[0], -1)
 

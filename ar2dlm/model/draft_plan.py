@@ -29,8 +29,8 @@ def draft_plan(scored: Tensor, blocks: Tensor) -> DraftPlan:
     """The plan of a micro-batch from its scored draft positions [B, L] and block ids [B, L]."""
     length = scored.shape[1]
     live = torch.zeros_like(blocks).scatter_add_(1, blocks, scored.long()).gather(1, blocks) > 0
-    width = int(live.sum(dim=1).max()) if live.numel() else 0
-    width = min(length, max(PLAN_WIDTH_MULTIPLE, -(-width // PLAN_WIDTH_MULTIPLE) * PLAN_WIDTH_MULTIPLE))
+    width = -(-int(live.sum(dim=1).max()) // PLAN_WIDTH_MULTIPLE) * PLAN_WIDTH_MULTIPLE
+    width = min(length, max(PLAN_WIDTH_MULTIPLE, width))
     order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)
     return DraftPlan(order[:, :width].contiguous(), blocks)
 
