@@ -68,6 +68,9 @@ KEY_DESCRIPTIONS: dict[str, str] = {
     "drafter.length_weighting": "objective drafter: weight each draft position's loss by the expected number of drafts "
                                 "accepted from it to its block's end, i.e. by its share in the expected acceptance "
                                 "length (true | false)",
+    "drafter.random_block_start": "objective drafter: start each document's draft blocks at a random phase per step, "
+                                  "as inference starts a draft wherever the last cycle stopped; false: at the "
+                                  "document's start (true | false)",
     "data.sources": "training data: a list of {path, kind, weight, ...} (see data.sources[] below / the README)",
     "data.seq_length": "tokens per training sequence (integer >= 1)",
     "data.pack": "pack documents into full sequences instead of padding each one (true | false)",

@@ -41,6 +41,7 @@ class DrafterConfig:
     ce_weight: float = 1.0
     ce_target: str = "data"  # data | verifier
     length_weighting: bool = False  # weight each draft position by its share in the expected acceptance length
+    random_block_start: bool = True  # draft blocks from a random phase per document and step, not its start
 
 
 @dataclass

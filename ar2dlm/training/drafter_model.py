@@ -33,7 +33,8 @@ def loss_config(cfg: DictConfig) -> DrafterLossConfig:
     drafter = cfg.drafter
     return DrafterLossConfig(temperature=float(drafter.kl_temperature), top_k=int(drafter.top_k),
                              ce_weight=float(drafter.ce_weight), ce_target=str(drafter.ce_target),
-                             length_weighting=bool(drafter.length_weighting))
+                             length_weighting=bool(drafter.length_weighting),
+                             random_block_start=bool(drafter.random_block_start))
 
 
 def require_mask_token(metadata: CheckpointMetadata, directory: Path) -> None:

@@ -22,7 +22,7 @@ from ar2dlm.model.draft_plan import draft_plan
 from ar2dlm.model.masks import doubled_layout
 from ar2dlm.training.block_sizes import RandomBlockSizes
 from ar2dlm.training.complementary import first_of_pair, paired, repeat_rows
-from ar2dlm.training.drafter import DrafterLossConfig, draft_stream, drafter_loss_parts
+from ar2dlm.training.drafter import DrafterLossConfig, block_phases, draft_stream, drafter_loss_parts
 from ar2dlm.training.loss import (
     LossParts,
     ObjectiveWeights,
@@ -31,7 +31,7 @@ from ar2dlm.training.loss import (
     doubled_labels,
     split_doubled,
 )
-from ar2dlm.training.noise import NoiseConfig, NoiseDraw, block_layout, sample_noise
+from ar2dlm.training.noise import NoiseConfig, NoiseDraw, block_layout, in_block_positions, sample_noise
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def prepare_batch(batch, step: int, settings: ObjectiveSettings) -> PreparedBatc
                                                                                            block_size=block_size)
     layout = AttentionLayout(layout_name, length, block_size, documents, settings.attention_kernel)
     if settings.drafter is not None:
-        return _drafter_batch(x0, loss_mask, layout, settings)
+        return _drafter_batch(batch, step, layout, settings)
     if layout_name == "causal":
         labels = doubled_labels(x0, settings.pad_id)[:, length:]
         return PreparedBatch(x0, labels, layout, None, ar_target_mask(loss_mask, documents), loss_mask)
@@ -126,17 +126,21 @@ def prepare_batch(batch, step: int, settings: ObjectiveSettings) -> PreparedBatc
     return PreparedBatch(inputs, doubled_labels(x0, settings.pad_id), layout, noise, ar_mask, loss_mask)
 
 
-def _drafter_batch(x0: Tensor, loss_mask: Tensor | None, layout: AttentionLayout,
-                   settings: ObjectiveSettings) -> PreparedBatch:
+def _drafter_batch(batch, step: int, layout: AttentionLayout, settings: ObjectiveSettings) -> PreparedBatch:
     """objective drafter: ``[x_d ; x_0]`` with x_d the ``[seed, MASK ...]`` blocks; no labels (the model returns
-    logits); ``noise.masked`` marks the scored draft positions (training/drafter.py)."""
-    loss_mask = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask
-    draft_ids, scored = draft_stream(x0, loss_mask, layout.document_ids, layout.block_size,
-                                     settings.noise.mask_token_id)
+    logits); ``noise.masked`` marks the scored draft positions, the layout's draft plan the blocks
+    (training/drafter.py)."""
+    x0, documents = batch.input_ids, batch.document_ids
+    loss_mask = torch.ones_like(x0, dtype=torch.bool) if batch.loss_mask is None else batch.loss_mask
+    shape = tuple(x0.shape)
+    phase = None
+    if settings.drafter.random_block_start:
+        phase = block_phases(batch.sample_index, step, settings.seed, documents, shape, layout.block_size)
+    blocks, in_block = block_layout(shape, layout.block_size, documents, phase)
+    draft_ids, scored = draft_stream(x0, loss_mask, in_block, settings.noise.mask_token_id)
     weight = scored.float()
     noise = NoiseDraw(draft_ids, scored, weight, torch.ones_like(weight),
                       weight.sum(dim=1) / loss_mask.sum(dim=1).clamp(min=1))
-    blocks, _ = block_layout(tuple(x0.shape), layout.block_size, layout.document_ids)
     layout = replace(layout, draft_plan=draft_plan(scored, blocks))
     return PreparedBatch(torch.cat([draft_ids, x0], dim=1), None, layout, noise, None, loss_mask)
 
@@ -179,11 +183,9 @@ def loss_parts(token_ce: Tensor, prepared: PreparedBatch, settings: ObjectiveSet
 def _loss_terms(token_ce: Tensor, prepared: PreparedBatch, settings: ObjectiveSettings,
                 device: torch.device) -> LossParts:
     if settings.drafter is not None:  # the model's output is logits, not CE
-        length = prepared.layout.seq_len
-        _, in_block = block_layout((token_ce.shape[0], length), prepared.layout.block_size,
-                                   prepared.layout.document_ids)
-        return drafter_loss_parts(token_ce, prepared.input_ids[:, length:], prepared.noise.masked, in_block,
-                                  settings.drafter)
+        in_block = in_block_positions(prepared.layout.draft_plan.blocks)
+        return drafter_loss_parts(token_ce, prepared.input_ids[:, prepared.layout.seq_len:], prepared.noise.masked,
+                                  in_block, settings.drafter)
     weights = settings.weights
     noise = prepared.noise
     layout = prepared.layout.layout

@@ -64,9 +64,9 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def row_seed(seed: int, sample_index: int, step: int) -> int:
-    """Stable 64-bit seed for one row, from (seed, global sample index, step)."""
-    h = splitmix64((seed ^ _NOISE_SALT) & _MASK64)
+def row_seed(seed: int, sample_index: int, step: int, salt: int = _NOISE_SALT) -> int:
+    """Stable 64-bit seed for one row, from (seed, global sample index, step); another ``salt``, another stream."""
+    h = splitmix64((seed ^ salt) & _MASK64)
     h = splitmix64(h ^ (sample_index & _MASK64))
     return splitmix64(h ^ (step & _MASK64))
 
@@ -85,24 +85,36 @@ def row_uniforms(seeds: Sequence[int], n: int) -> Tensor:
 
 
 def block_layout(
-    shape: tuple[int, int], block_size: int, document_ids: Tensor | None = None
+    shape: tuple[int, int], block_size: int, document_ids: Tensor | None = None, phase: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Block index (non-decreasing along each row) and in-block position of every position.
 
-    Blocks are counted from each document's start (a document is a run of equal ids), so the
-    last block of a document may be shorter than ``block_size``.
+    Blocks are counted from each document's start, so the last block of a document may be shorter than
+    ``block_size``. ``phase`` [B, L] (each position's document's value, in [0, block_size)) shifts a document's
+    block boundaries back by that many positions: its first block is ``block_size - phase`` long.
     """
     b, length = shape
     pos = torch.arange(length).expand(b, length)
-    if document_ids is None:
-        return pos // block_size, pos % block_size
-    in_block = (pos - document_starts(document_ids.cpu())) % block_size
+    starts = torch.zeros_like(pos) if document_ids is None else document_starts(document_ids.cpu())
+    if phase is None:
+        in_block = (pos - starts) % block_size
+    else:
+        begins = ((pos - starts + phase.cpu()) % block_size == 0) | (pos == starts)
+        in_block = pos - torch.where(begins, pos, torch.zeros_like(pos)).cummax(dim=1).values
     return block_ids(in_block), in_block
 
 
 def block_ids(in_block: Tensor) -> Tensor:
     """Block index [B, L] of every position from the in-block positions (a block starts where it is 0)."""
     return (in_block == 0).long().cumsum(dim=1) - 1
+
+
+def in_block_positions(blocks: Tensor) -> Tensor:
+    """In-block position [B, L] of every position from the block indices (the inverse of :func:`block_ids`)."""
+    pos = torch.arange(blocks.shape[1], device=blocks.device).expand_as(blocks)
+    begins = torch.ones_like(blocks, dtype=torch.bool)
+    begins[:, 1:] = blocks[:, 1:] != blocks[:, :-1]
+    return pos - torch.where(begins, pos, torch.zeros_like(pos)).cummax(dim=1).values
 
 
 def sample_noise(

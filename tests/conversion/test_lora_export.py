@@ -108,3 +108,59 @@ def test_an_adapter_that_does_not_fit_the_model_is_one_clear_error():
         peft_state(tensors, settings, _config(num_hidden_layers=1))
     with pytest.raises(UserError, match=r"layer 1 self_attn.k_proj has A \(4, 64\) and B \(32, 4\)"):
         peft_state(tensors, settings, _config(num_key_value_heads=4))
+
+
+def test_the_runtime_drafts_what_the_drafter_trained_on(run_setup, tmp_path):
+    """Training and inference see one draft: for every block a drafter step scores (blocks at random phases, as
+    inference starts a draft wherever the last cycle stopped), the megatron-core split forward's draft logits equal
+    the exported runtime's draft pass over that block after a causal prefill of the document's tokens before it."""
+    from transformers import AutoModelForCausalLM
+
+    from ar2dlm.data.loader import Batch
+    from ar2dlm.model.checkpoint import read_metadata
+    from ar2dlm.runtime.decoding_ar2dlm import KVState, prefill
+    from ar2dlm.training.drafter import DrafterLossConfig
+    from ar2dlm.training.drafter_model import load_drafter_model
+    from ar2dlm.training.forward import ObjectiveSettings, model_inputs, prepare_batch
+    from ar2dlm.training.loss import objective_weights
+    from ar2dlm.training.noise import NoiseConfig, in_block_positions
+
+    targets = ("linear_proj", "linear_fc1")
+    checkpoint, _ = _train(run_setup, f"drafter.target_modules=[{','.join(targets)}]")
+    export(checkpoint, tmp_path / "hf")
+    runtime = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True,
+                                                   attn_implementation="sdpa").eval()
+    mask_id = read_metadata(checkpoint).mask_token_id
+    settings = ObjectiveSettings(objective_weights("drafter"), NoiseConfig(mask_token_id=mask_id, block_size=8),
+                                 "causal", "sdpa", seed=3, pad_id=0, drafter=DrafterLossConfig(top_k=16))
+    documents = torch.tensor([[0] * 11 + [1] * 21, [0] * 32])
+    loss_mask = torch.ones(2, 32, dtype=torch.bool)
+    loss_mask[0, :5], loss_mask[0, 11:18], loss_mask[1, :9] = False, False, False  # prompts
+    batch = Batch(torch.randint(1, 200, (2, 32), generator=torch.Generator().manual_seed(4)), loss_mask, documents,
+                  torch.tensor([3, 8]))
+    prepared = prepare_batch(batch, step=2, settings=settings)
+    chunks = load_drafter_model(checkpoint, LoraSettings(rank=4, alpha=16, target_modules=targets), resuming=False)
+    ids, _, layout = model_inputs(prepared, torch.device("cpu"))
+    with torch.no_grad():
+        trained = chunks[0].eval()(ids, None, layout)[:, :32, :runtime.config.vocab_size]
+    blocks, scored = prepared.layout.draft_plan.blocks, prepared.noise.masked
+    starts = (in_block_positions(blocks) == 0).nonzero().tolist()
+    compared, unaligned = 0, 0
+    for row, start in starts:
+        end = start + 1
+        while end < 32 and blocks[row, end] == blocks[row, start]:
+            end += 1
+        document_start = int((documents[row] == documents[row, start]).nonzero()[0])
+        if not scored[row, start:end].any() or start == document_start:
+            continue
+        state = KVState(runtime, 1, True, runtime._drafter(True))
+        prefill(state, batch.input_ids[row:row + 1, document_start:start], torch.ones(1, start - document_start))
+        draft = ids[row:row + 1, start:end]
+        with torch.no_grad():
+            drafted = state.forward(draft, bidirectional=True, keep=False,
+                                    drafting=torch.ones_like(draft, dtype=torch.bool))[0]
+        read = scored[row, start:end]
+        torch.testing.assert_close(drafted[read], trained[row, start:end][read], rtol=0, atol=2e-4)
+        compared += 1
+        unaligned += (start - document_start) % 8 != 0
+    assert compared >= 4 and unaligned >= 2

@@ -24,9 +24,11 @@ DOCUMENTS = torch.tensor([[0] * 13 + [1] * 19, [0] * 32])
 
 
 def _settings() -> ObjectiveSettings:
+    """Aligned blocks: the doubled forward's masks (the reference) know no phase."""
     return ObjectiveSettings(objective_weights("drafter"), NoiseConfig(mask_token_id=127, block_size=4), "causal",
                              "sdpa", seed=7, pad_id=0,
-                             drafter=DrafterLossConfig(top_k=20, ce_target="verifier", length_weighting=True))
+                             drafter=DrafterLossConfig(top_k=20, ce_target="verifier", length_weighting=True,
+                                                       random_block_start=False))
 
 
 def _batch() -> Batch:

@@ -13,6 +13,7 @@ from ar2dlm.training.drafter import (
     DrafterLossConfig,
     acceptance,
     acceptance_prefix,
+    block_phases,
     draft_stream,
     drafter_loss_parts,
     length_weights,
@@ -20,7 +21,7 @@ from ar2dlm.training.drafter import (
 )
 from ar2dlm.training.forward import ObjectiveSettings, forward_loss, prepare_batch
 from ar2dlm.training.loss import objective_weights
-from ar2dlm.training.noise import NoiseConfig, block_layout
+from ar2dlm.training.noise import NoiseConfig, block_layout, in_block_positions
 
 MASK = 99
 
@@ -30,7 +31,8 @@ def test_draft_stream_keeps_each_blocks_seed_and_the_context_and_scores_the_rest
     loss_mask = torch.ones_like(x0, dtype=torch.bool)
     loss_mask[0, 1] = False  # a prompt token: context, as at inference; kept in the draft, not scored
     documents = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])  # blocks restart at the second document
-    ids, scored = draft_stream(x0, loss_mask, documents, 4, MASK)
+    _, in_block = block_layout((1, 10), 4, documents)
+    ids, scored = draft_stream(x0, loss_mask, in_block, MASK)
     assert ids.tolist() == [[10, 11, MASK, MASK, 14, 15, MASK, MASK, MASK, 19]]
     assert scored.tolist() == [[False, False, True, True, False, False, True, True, True, False]]
 
@@ -91,9 +93,11 @@ def test_acceptance_is_the_overlap_of_the_distributions():
     torch.testing.assert_close(acceptance(q, p), torch.tensor([0.75]))
 
 
-def _settings() -> ObjectiveSettings:
+def _settings(random_block_start: bool = False) -> ObjectiveSettings:
+    """Aligned blocks unless said: the doubled forward's masks (the reference here) know no phase."""
     return ObjectiveSettings(objective_weights("drafter"), NoiseConfig(mask_token_id=127, block_size=4), "causal",
-                             "sdpa", seed=7, pad_id=0, drafter=DrafterLossConfig(top_k=20))
+                             "sdpa", seed=7, pad_id=0,
+                             drafter=DrafterLossConfig(top_k=20, random_block_start=random_block_start))
 
 
 def _batch() -> Batch:
@@ -101,6 +105,42 @@ def _batch() -> Batch:
     loss_mask = torch.ones_like(ids, dtype=torch.bool)
     loss_mask[0, :3] = False
     return Batch(ids, loss_mask, None, torch.tensor([10, 11]))
+
+
+def test_block_phases_are_a_pure_function_of_seed_sample_and_step():
+    """One phase per document in [0, block size), the same wherever the row sits in a batch (any parallel layout,
+    a resume), another at another step; over many rows every phase occurs."""
+    documents = torch.tensor([[0] * 5 + [1] * 11, [0] * 16])
+    phases = block_phases([10, 11], 3, 7, documents, (2, 16), 4)
+    assert phases.min() >= 0 and phases.max() <= 3
+    assert all(len(set(phases[0, span].tolist())) == 1 for span in (slice(0, 5), slice(5, 16)))
+    assert len(set(phases[1].tolist())) == 1
+    assert torch.equal(block_phases([11], 3, 7, documents[1:], (1, 16), 4), phases[1:])
+    many = block_phases(list(range(200)), 3, 7, None, (200, 16), 4)[:, 0]
+    assert set(many.tolist()) == {0, 1, 2, 3}
+    assert (block_phases(list(range(200)), 4, 7, None, (200, 16), 4)[:, 0] != many).sum() > 100
+    assert (block_phases(list(range(200)), 3, 8, None, (200, 16), 4)[:, 0] != many).sum() > 100
+
+
+def test_a_drafter_batch_starts_each_documents_blocks_at_its_phase():
+    """With random_block_start the draft plan's blocks are block_layout's at the rows' phases, each block's first
+    position is a seed (kept, not scored) and the loss reads the same in-block positions."""
+    batch = _batch()
+    documents = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
+    batch = Batch(batch.input_ids, batch.loss_mask, documents, batch.sample_index)
+    prepared = prepare_batch(batch, step=5, settings=_settings(random_block_start=True))
+    phases = block_phases(batch.sample_index, 5, 7, documents, (2, 16), 4)
+    blocks, in_block = block_layout((2, 16), 4, documents, phases)
+    assert phases.any()  # the case is not the aligned one
+    assert torch.equal(prepared.layout.draft_plan.blocks, blocks)
+    assert torch.equal(in_block_positions(prepared.layout.draft_plan.blocks), in_block)
+    seeds = in_block == 0
+    draft_ids = prepared.input_ids[:, :16]
+    assert torch.equal(draft_ids[seeds], batch.input_ids[seeds])
+    assert (draft_ids[~seeds & batch.loss_mask] == 127).all()
+    assert torch.equal(prepared.noise.masked, ~seeds & batch.loss_mask)
+    aligned = prepare_batch(batch, step=5, settings=_settings())
+    assert not torch.equal(aligned.noise.masked, prepared.noise.masked)
 
 
 def test_zero_init_drafter_logits_equal_the_base_models(tiny_provider):

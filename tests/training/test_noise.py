@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ar2dlm.training.noise import NoiseConfig, block_layout, row_seed, sample_noise, splitmix64
+from ar2dlm.training.noise import (
+    NoiseConfig,
+    block_layout,
+    in_block_positions,
+    row_seed,
+    sample_noise,
+    splitmix64,
+)
 
 MASK_ID = 999
 EPS = 1e-3
@@ -154,6 +161,25 @@ def test_block_layout_restarts_at_documents() -> None:
     block_id, in_block = block_layout((2, 5), 2)
     assert block_id.tolist() == [[0, 0, 1, 1, 2]] * 2
     assert in_block.tolist() == [[0, 1, 0, 1, 0]] * 2
+
+
+def test_block_layout_with_a_phase_shifts_each_documents_blocks_back() -> None:
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1]])
+    phase = torch.tensor([[1, 1, 1, 3, 3, 3, 3, 3, 3, 3]])  # document 1's first block is 4 - 3 = 1 long
+    block_id, in_block = block_layout((1, 10), 4, doc, phase)
+    assert in_block.tolist() == [[0, 1, 2, 0, 0, 1, 2, 3, 0, 1]]
+    assert block_id.tolist() == [[0, 0, 0, 1, 2, 2, 2, 2, 3, 3]]
+    assert torch.equal(in_block_positions(block_id), in_block)
+    zero = block_layout((1, 10), 4, doc, torch.zeros_like(phase))
+    assert all(torch.equal(a, b) for a, b in zip(zero, block_layout((1, 10), 4, doc), strict=True))
+
+
+def test_in_block_positions_invert_block_ids() -> None:
+    doc = torch.tensor([[0] * 5 + [1] * 20 + [2] * 7] * 3)
+    phase = torch.tensor([[0] * 5 + [2] * 20 + [7] * 7, [4] * 5 + [1] * 20 + [0] * 7, [0] * 32])
+    for args in (((3, 32), 8, doc, phase), ((3, 32), 8, doc), ((3, 32), 5)):
+        block_id, in_block = block_layout(*args)
+        assert torch.equal(in_block_positions(block_id), in_block)
 
 
 def test_position_documents_restart_blocks() -> None:
