@@ -114,7 +114,8 @@ def _source(cfg: DictConfig, output: Path, corpus: Path) -> Path:
 def _drafter(cfg: DictConfig, joint_checkpoint: Path, output: Path) -> Path:
     """The drafter stage: its last checkpoint (the joint one when drafter_stage.steps is 0). It drafts blocks of
     the size the export decodes with: when the joint stage trained another (diffusion.decode_block_size), the
-    drafter trains at the decoding block, its random block sizes (if on) the default candidates of that block."""
+    drafter trains at the decoding block, its random block sizes (if on) the default candidates of that block.
+    ``drafter_stage.random_block_prob``, when set, replaces the joint stage's share of steps at a random size."""
     from ar2dlm.training.checkpointing import newest_checkpoint
     from ar2dlm.training.loop import Trainer, decode_block_size
 
@@ -126,6 +127,8 @@ def _drafter(cfg: DictConfig, joint_checkpoint: Path, output: Path) -> Path:
     diffusion = OmegaConf.to_container(cfg.diffusion)
     if decode_block_size(cfg.diffusion) != cfg.diffusion.block_size:
         diffusion.update(block_size=decode_block_size(cfg.diffusion), decode_block_size=None, random_block_sizes=[])
+    if stage.random_block_prob is not None:
+        diffusion.update(random_block_prob=stage.random_block_prob)
     Trainer(_train_config(cfg, init=joint_checkpoint, output=output, train=train, diffusion=diffusion,
                           optim=OmegaConf.to_container(stage.optim))).fit()
     return newest_checkpoint(output)

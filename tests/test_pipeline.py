@@ -106,6 +106,12 @@ def test_the_drafter_stage_drafts_blocks_of_the_decoding_size(tmp_path, monkeypa
     shutil.rmtree(tmp_path / "drafter")
     _drafter(same, tmp_path / "joint", tmp_path / "drafter")
     assert seen["cfg"].diffusion.block_size == 16 and list(seen["cfg"].diffusion.random_block_sizes) == [4, 8]
+    assert same.diffusion.random_block_prob == 1.0 and seen["cfg"].diffusion.random_block_prob == 0.0  # the recipe's
+    inherited = compose_stage("run", ["recipe=demo", f"output={tmp_path}", "drafter_stage.random_block_prob=null",
+                                      "drafter_stage.steps=2"])
+    shutil.rmtree(tmp_path / "drafter")
+    _drafter(inherited, tmp_path / "joint", tmp_path / "drafter")
+    assert seen["cfg"].diffusion.random_block_prob == 1.0
 
 
 def test_the_demo_source_trains_on_whole_texts_without_the_eos_fill(tmp_path, monkeypatch):

@@ -159,6 +159,9 @@ KEY_DESCRIPTIONS: dict[str, str] = {
                             "answers only; the source stage always trains on whole texts (true | false)",
     "drafter_stage.steps": "steps of the drafter stage (train.objective=drafter with the drafter.* keys, from the "
                            "joint stage's last checkpoint; its optimizer: drafter_stage.optim.*); 0: no drafter",
+    "drafter_stage.random_block_prob": "share of drafter steps at a random smaller block (null: the joint stage's "
+                                       "diffusion.random_block_prob; 0: every step drafts blocks of the size the "
+                                       "export decodes with)",
     "tokenizer": "HF tokenizer (folder or hub id) to tokenise with",
     "mask_token_id": "id of the mask token (null: an unused special token, else a new <|mask|> row)",
     "dtype": "weights' dtype in the checkpoint (auto: the source's)",

@@ -314,6 +314,7 @@ class DrafterStageConfig:
 
     steps: int = 0  # 0: no drafter stage
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-4))
+    random_block_prob: float | None = None  # null: the joint stage's diffusion.random_block_prob; 0: the decode block
 
 
 @dataclass

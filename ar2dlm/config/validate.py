@@ -225,6 +225,7 @@ def _eval_rules(cfg: DictConfig) -> Iterator[str]:
 
 def _run_rules(cfg: DictConfig) -> Iterator[str]:
     yield from _training_rules(cfg)
+    yield from _between(cfg, "drafter_stage.random_block_prob", 0.0, 1.0)
     yield from _eval_rules(cfg.eval)
     yield from _convert_rules(cfg)
 

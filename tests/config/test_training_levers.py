@@ -39,3 +39,11 @@ def test_good_lever_values_compose():
                                           "diffusion.complementary_masking=true",
                                           "diffusion.loss_normalization=per_term", "data.seq_length=128"])
     assert cfg.diffusion.decode_block_size == 32 and list(cfg.diffusion.random_block_sizes) == [16, 32]
+
+
+def test_the_drafter_stages_random_block_share_is_a_probability():
+    cfg = compose_stage("run", ["recipe=demo", "output=x"])
+    assert cfg.drafter_stage.random_block_prob == 0.0 and cfg.diffusion.random_block_prob == 1.0
+    assert compose_stage("run", ["output=x", "init=x"]).drafter_stage.random_block_prob is None  # the joint's
+    with pytest.raises(ConfigError, match=r"drafter_stage.random_block_prob=1.5 must be in \[0.0, 1.0\]"):
+        compose_stage("run", ["recipe=demo", "output=x", "drafter_stage.random_block_prob=1.5"])
