@@ -74,7 +74,9 @@ def main() -> None:
                                                               ("joint", None))}
         metadata = models["joint"][1]
         noise = NoiseConfig(mask_token_id=metadata.mask_token_id, block_size=args.block_size)
-        loss = DrafterLossConfig(temperature=1.0, ce_target="verifier", length_weighting=True)
+        # aligned blocks: the doubled forward's masks know no phase, and both forwards must compute the same loss
+        loss = DrafterLossConfig(temperature=1.0, ce_target="verifier", length_weighting=True,
+                                 random_block_start=False)
         settings = {"doubled": ObjectiveSettings(objective_weights("drafter"), noise, "causal", "auto", seed=0,
                                                  pad_id=0, drafter=loss)}
         settings["split"] = settings["doubled"]
