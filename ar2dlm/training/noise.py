@@ -100,7 +100,7 @@ def block_layout(
         in_block = (pos - starts) % block_size
     else:
         begins = ((pos - starts + phase.cpu()) % block_size == 0) | (pos == starts)
-        in_block = pos - torch.where(begins, pos, torch.zeros_like(pos)).cummax(dim=1).values
+        in_block = in_block_positions(begins.long().cumsum(dim=1))
     return block_ids(in_block), in_block
 
 
@@ -110,11 +110,9 @@ def block_ids(in_block: Tensor) -> Tensor:
 
 
 def in_block_positions(blocks: Tensor) -> Tensor:
-    """In-block position [B, L] of every position from the block indices (the inverse of :func:`block_ids`)."""
-    pos = torch.arange(blocks.shape[1], device=blocks.device).expand_as(blocks)
-    begins = torch.ones_like(blocks, dtype=torch.bool)
-    begins[:, 1:] = blocks[:, 1:] != blocks[:, :-1]
-    return pos - torch.where(begins, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    """In-block position [B, L] of every position from the block indices (the inverse of :func:`block_ids`): a
+    block is a run of equal indices, as a document is a run of equal ids."""
+    return torch.arange(blocks.shape[1], device=blocks.device) - document_starts(blocks)
 
 
 def sample_noise(

@@ -116,6 +116,8 @@ def test_block_phases_are_a_pure_function_of_seed_sample_and_step():
     assert all(len(set(phases[0, span].tolist())) == 1 for span in (slice(0, 5), slice(5, 16)))
     assert len(set(phases[1].tolist())) == 1
     assert torch.equal(block_phases([11], 3, 7, documents[1:], (1, 16), 4), phases[1:])
+    two_documents = block_phases(list(range(200)), 3, 7, documents[:1].expand(200, -1), (200, 16), 4)
+    assert (two_documents[:, 0] != two_documents[:, 5]).sum() > 100  # each document its own phase
     many = block_phases(list(range(200)), 3, 7, None, (200, 16), 4)[:, 0]
     assert set(many.tolist()) == {0, 1, 2, 3}
     assert (block_phases(list(range(200)), 4, 7, None, (200, 16), 4)[:, 0] != many).sum() > 100
